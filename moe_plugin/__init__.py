@@ -1,0 +1,7 @@
+"""moe_plugin: Mixture-of-Experts Vision Transformers for MMPretrain.
+
+Importing the package registers every model into MMPretrain's registries.
+"""
+from . import layers, models  # noqa: F401
+
+__version__ = '0.1.0'

@@ -1,0 +1,18 @@
+"""Pure-PyTorch MoE building blocks (no registry, no MMEngine)."""
+from .dispatch import (IndexDispatcher, expert_choice_dispatcher,
+                       token_choice_dispatcher)
+from .experts import BatchedExperts, build_activation
+from .reference import einsum_top_k_combine, einsum_top_k_forward
+from .routing import (NoisyTopExpertsPerItem, NoisyTopItemsPerExpert,
+                      TopKAssignment, assign_top_k, compute_capacity,
+                      gshard_loss, importance_loss, load_loss, z_loss)
+from .sparse_moe import SparseMoE, set_eval_routing
+
+__all__ = [
+    'IndexDispatcher', 'token_choice_dispatcher', 'expert_choice_dispatcher',
+    'BatchedExperts', 'build_activation', 'NoisyTopExpertsPerItem',
+    'NoisyTopItemsPerExpert', 'TopKAssignment', 'assign_top_k',
+    'compute_capacity', 'importance_loss', 'load_loss', 'gshard_loss',
+    'z_loss', 'SparseMoE', 'set_eval_routing', 'einsum_top_k_combine',
+    'einsum_top_k_forward'
+]

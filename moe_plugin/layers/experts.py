@@ -1,0 +1,74 @@
+"""Batched MLP experts: E independent MLPs run as two batched matmuls."""
+import math
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS = {
+    'gelu_tanh': lambda: nn.GELU(approximate='tanh'),
+    'gelu': nn.GELU,
+}
+
+
+def build_activation(act: str) -> nn.Module:
+    """'gelu_tanh' (flax's ``nn.gelu``, V-MoE) or 'gelu' (exact erf)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(
+            f'act must be one of {sorted(ACTIVATIONS)}, got {act!r}')
+    return ACTIVATIONS[act]()
+
+
+class BatchedExperts(nn.Module):
+    """E MLP experts ``Dense -> act -> Dropout -> Dense -> Dropout``.
+
+    Weights are stacked (``w1 [E, D, H]``, ``b1 [E, H]``, ``w2 [E, H, D]``,
+    ``b2 [E, D]``) so all experts run as one ``baddbmm`` per layer. The
+    matmul covers the whole buffer, so every expert is in the autograd graph
+    even when it received no token (DDP needs no ``find_unused_parameters``).
+
+    Args:
+        num_experts (int): ``E``.
+        embed_dims (int): ``D``.
+        hidden_dims (int): ``H``.
+        act (str): 'gelu_tanh' or 'gelu'. Defaults to 'gelu_tanh'.
+        drop (float): dropout after the activation and after the output
+            (V-MoE's expert ``dropout_rate``). Defaults to 0.
+    """
+
+    def __init__(self,
+                 num_experts: int,
+                 embed_dims: int,
+                 hidden_dims: int,
+                 act: str = 'gelu_tanh',
+                 drop: float = 0.0):
+        super().__init__()
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f'expert dropout must be in [0, 1), got {drop}')
+        self.w1 = nn.Parameter(torch.empty(num_experts, embed_dims,
+                                           hidden_dims))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden_dims))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dims,
+                                           embed_dims))
+        self.b2 = nn.Parameter(torch.empty(num_experts, embed_dims))
+        self.act = build_activation(act)
+        self.drop = nn.Dropout(drop)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Xavier-uniform kernels per expert, N(0, 1e-6) biases (vmoe)."""
+        for weight in (self.w1, self.w2):
+            fan_in, fan_out = weight.shape[1:]
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            nn.init.uniform_(weight, -bound, bound)
+        for bias in (self.b1, self.b2):
+            nn.init.normal_(bias, std=1e-6)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[E, C, D] -> [E, C, D]``, expert ``e`` applied to ``x[e]``."""
+        h = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)
+        h = self.drop(self.act(h))
+        return self.drop(torch.baddbmm(self.b2.unsqueeze(1), h, self.w2))

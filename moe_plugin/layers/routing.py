@@ -1,0 +1,364 @@
+"""V-MoE routers: token-choice top-K with capacity and Batch Priority Routing,
+expert choice, and the auxiliary balancing losses.
+
+Follows google-research/vmoe ``vmoe/nn/routing.py`` (arXiv 2106.05974) to the
+equation, in float32. Routers return data, not losses: a dispatcher and a
+metrics dict; whoever trains the model decides what to add to the loss.
+
+Shapes: ``G`` groups of ``S`` tokens of width ``D``; ``E`` experts; each
+token chooses ``K`` of them; ``B`` slots per expert and group.
+"""
+import math
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .dispatch import (IndexDispatcher, expert_choice_dispatcher,
+                       token_choice_dispatcher)
+
+
+def compute_capacity(group_tokens: int,
+                     num_experts: int,
+                     top_k: int = 1,
+                     capacity_factor: Optional[float] = None,
+                     capacity: Optional[int] = None,
+                     multiple_of: int = 4,
+                     rounding: str = 'ceil') -> int:
+    """Slots per expert and group.
+
+    ``B = ceil(S * K * c / E)`` (or Python's half-to-even ``round``), then
+    rounded up to a multiple of ``multiple_of``. An explicit ``capacity``
+    replaces the formula (it is still rounded up to the multiple).
+
+    Args:
+        group_tokens (int): ``S``.
+        num_experts (int): ``E``.
+        top_k (int): ``K`` (1 for expert choice). Defaults to 1.
+        capacity_factor (float, optional): ``c``. Defaults to None.
+        capacity (int, optional): explicit ``B``. Defaults to None.
+        multiple_of (int): Defaults to 4. 1 or 0 disables the rounding.
+        rounding (str): 'ceil' or 'round'. Defaults to 'ceil'.
+
+    Returns:
+        int: the capacity ``B``.
+    """
+    if (capacity is None) == (capacity_factor is None):
+        raise ValueError('give exactly one of capacity_factor and capacity, '
+                         f'got capacity_factor={capacity_factor}, '
+                         f'capacity={capacity}')
+    if capacity is None:
+        if capacity_factor <= 0:
+            raise ValueError(
+                f'capacity_factor must be > 0, got {capacity_factor}')
+        raw = group_tokens * top_k * capacity_factor / num_experts
+        if rounding == 'ceil':
+            capacity = int(math.ceil(raw))
+        elif rounding == 'round':
+            capacity = int(round(raw))
+        else:
+            raise ValueError(
+                f"capacity_rounding must be 'ceil' or 'round', got {rounding!r}")
+    if multiple_of and multiple_of > 1:
+        capacity += (-capacity) % multiple_of
+    if capacity <= 0:
+        raise ValueError(
+            f'capacity must be > 0, got {capacity} (S={group_tokens}, '
+            f'E={num_experts}, K={top_k}, capacity_factor={capacity_factor})')
+    return capacity
+
+
+class TopKAssignment(NamedTuple):
+    """Where each (token, choice) of a token-choice routing goes.
+
+    All fields are ``[G, S, K]``.
+
+    Attributes:
+        expert_index: chosen expert, best first.
+        slot: position in that expert's buffer (choice-major order).
+        kept: ``slot < capacity``; False means dropped.
+        weights: combine weight (the gate, or the renormalised gate).
+    """
+    expert_index: Tensor
+    slot: Tensor
+    kept: Tensor
+    weights: Tensor
+
+
+def assign_top_k(gates: Tensor,
+                 top_k: int,
+                 capacity: int,
+                 batch_priority: bool = False,
+                 renormalize: bool = False) -> TopKAssignment:
+    """Token-choice top-K assignment with capacity, choice-major slots.
+
+    Every token's 1st choice gets a slot before any token's 2nd choice.
+    Inside a choice rank tokens are served in group order, or with Batch
+    Priority Routing in descending order of their largest gate (stable).
+
+    Args:
+        gates (Tensor): ``[G, S, E]`` routing probabilities.
+        top_k (int): ``K``.
+        capacity (int): ``B``.
+        batch_priority (bool): Batch Priority Routing. Defaults to False.
+        renormalize (bool): divide the K weights by their sum.
+            Defaults to False (V-MoE uses the raw gates).
+
+    Returns:
+        TopKAssignment: fields of shape ``[G, S, K]``.
+    """
+    groups, group_tokens, num_experts = gates.shape
+    weights, expert_index = gates.topk(top_k, dim=-1)
+    if batch_priority:
+        # weights[..., 0] is the largest gate, BPR's priority score.
+        order = torch.sort(
+            weights[..., 0].detach(), dim=1, descending=True,
+            stable=True).indices
+        order = order.unsqueeze(-1).expand(-1, -1, top_k)
+        served = expert_index.gather(1, order)
+    else:
+        served = expert_index
+    # One-hot counts in choice-major order: [G, K * S, E].
+    one_hot = F.one_hot(served, num_experts).transpose(1, 2)
+    one_hot = one_hot.reshape(groups, top_k * group_tokens, num_experts)
+    slot = (one_hot.cumsum(1) * one_hot).sum(-1) - 1
+    slot = slot.view(groups, top_k, group_tokens).transpose(1, 2)
+    if batch_priority:
+        slot = torch.empty_like(slot).scatter_(1, order, slot)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return TopKAssignment(expert_index, slot, slot < capacity, weights)
+
+
+def importance_loss(gates: Tensor) -> Tensor:
+    """``(std(Imp) / mean(Imp))^2`` with ``Imp_e = sum_s gates[s, e]``.
+
+    Args:
+        gates (Tensor): ``[G, S, E]`` (clean) probabilities.
+
+    Returns:
+        Tensor: scalar, mean over groups.
+    """
+    importance = gates.sum(1)
+    return _squared_cv(importance).mean()
+
+
+def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float,
+              top_k: int) -> Tensor:
+    """V-MoE's load loss: squared coefficient of variation of the
+    probability, under re-drawn noise, that each expert is in a token's top-K.
+
+    Args:
+        logits (Tensor): ``[G, S, E]`` clean logits.
+        noisy_logits (Tensor): ``[G, S, E]`` logits plus the noise.
+        noise_std (float): std of the noise, ``sigma``.
+        top_k (int): ``K``.
+
+    Returns:
+        Tensor: scalar, mean over groups.
+    """
+    threshold = noisy_logits.topk(top_k, dim=-1).values[..., -1:]
+    prob = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)
+    return _squared_cv(prob.mean(1)).mean()
+
+
+def gshard_loss(gates: Tensor) -> Tensor:
+    """GShard's ``E^2 * mean_e(f_e * P_e)``.
+
+    Args:
+        gates (Tensor): ``[G, S, E]`` probabilities.
+
+    Returns:
+        Tensor: scalar, mean over groups.
+    """
+    num_experts = gates.shape[-1]
+    mean_gates = gates.mean(1)
+    top1 = F.one_hot(gates.argmax(-1), num_experts).to(gates.dtype).mean(1)
+    return (top1 * mean_gates).mean(-1).mean() * num_experts**2
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE's router z-loss ``mean_s logsumexp(l_s)^2``.
+
+    Args:
+        logits (Tensor): ``[G, S, E]``.
+
+    Returns:
+        Tensor: scalar.
+    """
+    return logits.logsumexp(-1).square().mean()
+
+
+def _squared_cv(values: Tensor) -> Tensor:
+    """``(std / mean)^2`` over the last dim, population std. ``[..., E]``."""
+    return (values.var(-1, unbiased=False) / values.mean(-1).square())
+
+
+class RouterLinear(nn.Module):
+    """Router weight ``[E, D]`` (no bias), applied in float32 under autocast.
+
+    Args:
+        embed_dims (int): ``D``.
+        num_experts (int): ``E``.
+    """
+
+    def __init__(self, embed_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, embed_dims))
+        # flax's default Dense init (lecun normal), as in vmoe.
+        nn.init.trunc_normal_(
+            self.weight, std=1.0 / math.sqrt(embed_dims) / .87962566103423978)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., D] -> [..., E]`` float32 logits."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+
+class NoisyTopExpertsPerItem(RouterLinear):
+    """Token-choice router: each token picks its top-K experts.
+
+    Args:
+        embed_dims (int): ``D``.
+        num_experts (int): ``E``.
+        noise_std (float): training noise is ``N(0, (noise_std / E)^2)`` on
+            the logits. Defaults to 1.0.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_experts: int,
+                 noise_std: float = 1.0):
+        super().__init__(embed_dims, num_experts)
+        if noise_std < 0:
+            raise ValueError(f'noise_std must be >= 0, got {noise_std}')
+        self.noise_std = noise_std
+
+    def forward(self,
+                x: Tensor,
+                top_k: int,
+                capacity: int,
+                batch_priority: bool = False,
+                renormalize: bool = False
+                ) -> Tuple[IndexDispatcher, Dict[str, Tensor]]:
+        """Route ``G`` groups of ``S`` tokens.
+
+        Args:
+            x (Tensor): ``[G, S, D]``.
+            top_k (int): ``K``.
+            capacity (int): ``B``.
+            batch_priority (bool): Batch Priority Routing.
+            renormalize (bool): renormalise the K combine weights.
+
+        Returns:
+            tuple: the dispatcher (``C = G * B``) and the metrics:
+            ``importance_loss``, ``gshard_loss``, ``z_loss``, ``load_loss``
+            (training with noise only), ``dropped_fraction`` and
+            ``expert_load`` (``[E]``).
+        """
+        num_experts = self.weight.shape[0]
+        logits = super().forward(x)
+        clean_gates = logits.softmax(-1)
+        metrics = {
+            'importance_loss': importance_loss(clean_gates),
+            'z_loss': z_loss(logits),
+        }
+        if self.training and self.noise_std > 0:
+            sigma = self.noise_std / num_experts
+            noisy_logits = logits + sigma * torch.randn_like(logits)
+            gates = noisy_logits.softmax(-1)
+            metrics['load_loss'] = load_loss(logits, noisy_logits, sigma,
+                                             top_k)
+        else:
+            gates = clean_gates
+        metrics['gshard_loss'] = gshard_loss(gates)
+        assignment = assign_top_k(gates, top_k, capacity, batch_priority,
+                                  renormalize)
+        metrics.update(routing_statistics(assignment, num_experts))
+        dispatcher = token_choice_dispatcher(
+            assignment.expert_index, assignment.slot, assignment.kept,
+            assignment.weights, capacity, num_experts)
+        return dispatcher, metrics
+
+
+def routing_statistics(assignment: TopKAssignment,
+                       num_experts: int) -> Dict[str, Tensor]:
+    """Dropped share of (token, choice) pairs and per-expert share of pairs.
+
+    Args:
+        assignment (TopKAssignment): a token-choice assignment.
+        num_experts (int): ``E``.
+
+    Returns:
+        dict: ``dropped_fraction`` (scalar), ``expert_load`` (``[E]``).
+    """
+    with torch.no_grad():
+        counts = torch.zeros(
+            num_experts, device=assignment.slot.device).index_add_(
+                0, assignment.expert_index.reshape(-1),
+                torch.ones(assignment.expert_index.numel(),
+                           device=assignment.slot.device))
+        return {
+            'dropped_fraction': 1.0 - assignment.kept.float().mean(),
+            'expert_load': counts / counts.sum(),
+        }
+
+
+class NoisyTopItemsPerExpert(RouterLinear):
+    """Expert-choice router: each expert takes its top-B tokens.
+
+    A token may be processed by 0 to E experts; there is no auxiliary loss.
+
+    Args:
+        embed_dims (int): ``D``.
+        num_experts (int): ``E``.
+        noise_std (float): as in :class:`NoisyTopExpertsPerItem`.
+            Defaults to 1.0.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_experts: int,
+                 noise_std: float = 1.0):
+        super().__init__(embed_dims, num_experts)
+        if noise_std < 0:
+            raise ValueError(f'noise_std must be >= 0, got {noise_std}')
+        self.noise_std = noise_std
+
+    def forward(self, x: Tensor, capacity: int
+                ) -> Tuple[IndexDispatcher, Dict[str, Tensor]]:
+        """Route ``G`` groups of ``S`` tokens.
+
+        Args:
+            x (Tensor): ``[G, S, D]``.
+            capacity (int): ``B``, at most ``S``.
+
+        Returns:
+            tuple: the dispatcher (``C = G * B``) and the metrics
+            ``dropped_fraction`` (share of tokens no expert took) and
+            ``expert_load`` (``[E]``, uniform by construction).
+        """
+        groups, group_tokens, _ = x.shape
+        num_experts = self.weight.shape[0]
+        if capacity > group_tokens:
+            raise ValueError(
+                f'expert choice needs capacity <= tokens per group, got '
+                f'capacity={capacity} > {group_tokens}')
+        logits = super().forward(x)
+        if self.training and self.noise_std > 0:
+            logits = logits + (self.noise_std / num_experts) * \
+                torch.randn_like(logits)
+        gates = logits.softmax(-1)
+        weights, token_index = gates.transpose(1, 2).topk(capacity, dim=-1)
+        with torch.no_grad():
+            taken = torch.zeros(groups, group_tokens, device=x.device)
+            taken.scatter_(1, token_index.reshape(groups, -1), 1.0)
+            metrics = {
+                'dropped_fraction': 1.0 - taken.mean(),
+                'expert_load': torch.full((num_experts, ),
+                                          1.0 / num_experts,
+                                          device=x.device),
+            }
+        return expert_choice_dispatcher(token_index, weights,
+                                        group_tokens), metrics
