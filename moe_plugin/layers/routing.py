@@ -211,9 +211,10 @@ class RouterLinear(nn.Module):
             self.weight, std=1.0 / math.sqrt(embed_dims) / .87962566103423978)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[..., D] -> [..., E]`` float32 logits."""
+        """``[..., D] -> [..., E]`` logits in float32 (float64 stays)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
+            return F.linear(x.to(dtype), self.weight.to(dtype))
 
 
 class NoisyTopExpertsPerItem(RouterLinear):
