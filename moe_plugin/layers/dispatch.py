@@ -14,46 +14,110 @@ import torch
 from torch import Tensor
 
 
+class _DispatchTokens(torch.autograd.Function):
+    """``buffer = pad(x)[slot_token]`` whose backward is a gather, not a
+    scatter-add: token ``n``'s gradient is the sum of its kept slots'.
+
+    ``slot_token == N`` marks an empty slot, which reads a zero row.
+    """
+
+    @staticmethod
+    def forward(ctx, x, slot_token, slot_index, kept):
+        ctx.save_for_backward(slot_index, kept)
+        padded = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        return padded.index_select(0, slot_token)
+
+    @staticmethod
+    def backward(ctx, grad_buffer):
+        slot_index, kept = ctx.saved_tensors
+        num_tokens, top_k = slot_index.shape
+        grad = grad_buffer.index_select(0, slot_index.reshape(-1))
+        grad = grad.view(num_tokens, top_k, -1) * kept.unsqueeze(-1).to(
+            grad.dtype)
+        return grad.sum(1), None, None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    """``y[n] = sum_k w[n, k] * out[slot_index[n, k]]`` whose backward is a
+    gather: slot ``j``'s gradient is its owner's weight times the owner's
+    output gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, out, weights, slot_index, slot_token, slot_pair):
+        num_tokens, top_k = slot_index.shape
+        gathered = out.index_select(0, slot_index.reshape(-1)).view(
+            num_tokens, top_k, -1)
+        ctx.save_for_backward(gathered, weights, slot_token, slot_pair)
+        return (gathered * weights.unsqueeze(-1).to(out.dtype)).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gathered, weights, slot_token, slot_pair = ctx.saved_tensors
+        grad_out = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            num_tokens = grad_y.shape[0]
+            # Empty slots (token N, pair N * K) get weight 0.
+            pair_weights = torch.cat([weights.reshape(-1),
+                                      weights.new_zeros(1)])
+            slot_weights = pair_weights.index_select(0, slot_pair)
+            owner = slot_token.clamp(max=num_tokens - 1)
+            grad_out = grad_y.index_select(0, owner) * slot_weights.unsqueeze(
+                -1).to(grad_y.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weights = (gathered * grad_y.unsqueeze(1)).sum(-1).to(
+                weights.dtype)
+        return grad_out, grad_weights, None, None, None
+
+
 class IndexDispatcher:
     """Moves tokens between ``[N, D]`` and the expert buffer ``[E, C, D]``.
 
-    Exactly one of ``slot_index`` (token choice: each token reads ``K``
-    slots) and ``slot_weights`` (expert choice: each slot writes back to its
-    token) is given.
+    Token choice gives ``slot_pair`` (and ``slot_index``, ``kept``,
+    ``combine_weights``): both directions and their backward passes are then
+    gathers, with no scatter-add (slow on CPUs, atomic on GPUs). Expert
+    choice gives ``slot_weights``: every slot is filled and the outputs are
+    added back to their tokens with ``index_add``.
 
     Args:
-        token_index (Tensor): ``[E, C]`` long, the flat token (in ``[0, N)``)
-            copied into each slot. Empty slots hold any valid index; their
-            output is never read back.
+        slot_token (Tensor): ``[E, C]`` long, the flat token copied into
+            each slot; ``N`` marks an empty slot (it holds zeros).
         num_tokens (int): ``N``, the number of tokens over all groups.
+        slot_pair (Tensor, optional): ``[E, C]`` long, the (token, choice)
+            pair ``n * K + k`` that owns each slot; ``N * K`` if empty.
+            Defaults to None.
         slot_index (Tensor, optional): ``[N, K]`` long, the flat slot (in
-            ``[0, E * C)``) each (token, choice) reads its output from.
-            Dropped choices point at any valid slot with weight 0.
+            ``[0, E * C)``) each (token, choice) reads its output from;
+            dropped choices point at slot 0 with weight 0. Defaults to None.
+        kept (Tensor, optional): ``[N, K]`` bool, the choice has a slot.
             Defaults to None.
         combine_weights (Tensor, optional): ``[N, K]`` weight of each
             (token, choice); 0 for dropped choices. Defaults to None.
         slot_weights (Tensor, optional): ``[E, C]`` weight with which each
-            slot's output is added to its token; 0 for empty slots.
+            slot's output is added to its token (expert choice).
             Defaults to None.
     """
 
     def __init__(self,
-                 token_index: Tensor,
+                 slot_token: Tensor,
                  num_tokens: int,
+                 slot_pair: Optional[Tensor] = None,
                  slot_index: Optional[Tensor] = None,
+                 kept: Optional[Tensor] = None,
                  combine_weights: Optional[Tensor] = None,
                  slot_weights: Optional[Tensor] = None):
-        assert (slot_index is None) == (combine_weights is None)
-        assert (slot_index is None) != (slot_weights is None)
-        self.token_index = token_index
+        assert (slot_pair is None) != (slot_weights is None)
+        self.slot_token = slot_token
         self.num_tokens = num_tokens
+        self.slot_pair = slot_pair
         self.slot_index = slot_index
+        self.kept = kept
         self.combine_weights = combine_weights
         self.slot_weights = slot_weights
 
     @property
     def num_experts(self) -> int:
-        return self.token_index.shape[0]
+        return self.slot_token.shape[0]
 
     def dispatch(self, x: Tensor) -> Tensor:
         """Copy tokens into the expert buffer.
@@ -62,11 +126,16 @@ class IndexDispatcher:
             x (Tensor): ``[N, D]`` tokens.
 
         Returns:
-            Tensor: ``[E, C, D]`` expert inputs.
+            Tensor: ``[E, C, D]`` expert inputs (zeros in empty slots).
         """
-        num_experts, slots = self.token_index.shape
-        return x.index_select(0, self.token_index.reshape(-1)).view(
-            num_experts, slots, x.shape[-1])
+        num_experts, slots = self.slot_token.shape
+        flat = self.slot_token.reshape(-1)
+        if self.slot_pair is None:
+            buffer = x.index_select(0, flat)
+        else:
+            buffer = _DispatchTokens.apply(x, flat, self.slot_index,
+                                           self.kept)
+        return buffer.view(num_experts, slots, x.shape[-1])
 
     def combine(self, y: Tensor) -> Tensor:
         """Weighted sum of each token's expert outputs.
@@ -77,19 +146,15 @@ class IndexDispatcher:
         Returns:
             Tensor: ``[N, D]``; 0 for a token whose choices were all dropped.
         """
-        dim = y.shape[-1]
-        flat = y.reshape(-1, dim)
-        if self.slot_index is not None:
-            num_choices = self.slot_index.shape[1]
-            gathered = flat.index_select(0, self.slot_index.reshape(-1))
-            gathered = gathered.view(self.num_tokens, num_choices, dim)
-            weights = self.combine_weights.to(y.dtype)
-            if num_choices == 1:
-                return gathered[:, 0] * weights
-            return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
+        flat = y.reshape(-1, y.shape[-1])
+        if self.slot_pair is not None:
+            return _CombineSlots.apply(flat, self.combine_weights,
+                                       self.slot_index,
+                                       self.slot_token.reshape(-1),
+                                       self.slot_pair.reshape(-1))
         weighted = flat * self.slot_weights.reshape(-1, 1).to(y.dtype)
-        out = y.new_zeros(self.num_tokens, dim)
-        return out.index_add(0, self.token_index.reshape(-1), weighted)
+        out = y.new_zeros(self.num_tokens, y.shape[-1])
+        return out.index_add(0, self.slot_token.reshape(-1), weighted)
 
 
 def token_choice_dispatcher(expert_index: Tensor, slot: Tensor, kept: Tensor,
@@ -113,28 +178,31 @@ def token_choice_dispatcher(expert_index: Tensor, slot: Tensor, kept: Tensor,
         IndexDispatcher: with ``C = G * B``.
     """
     groups, group_tokens, top_k = expert_index.shape
+    num_tokens = groups * group_tokens
     slots_per_expert = groups * capacity
     group_offset = torch.arange(
         groups, device=slot.device).view(groups, 1, 1) * capacity
     flat_slot = expert_index * slots_per_expert + group_offset + slot
     trash = num_experts * slots_per_expert
     flat_slot = torch.where(kept, flat_slot, torch.full_like(flat_slot, trash))
-    num_tokens = groups * group_tokens
-    token_ids = torch.arange(num_tokens, device=slot.device)
-    token_ids = token_ids.view(groups, group_tokens, 1).expand_as(flat_slot)
-    # Kept slots are unique; only the trash row gets duplicate writes, and it
-    # is cut off below.
-    token_index = torch.zeros(
-        trash + 1, dtype=torch.long, device=slot.device).scatter_(
-            0, flat_slot.reshape(-1), token_ids.reshape(-1))
-    token_index = token_index[:trash].view(num_experts, slots_per_expert)
+    pair_ids = torch.arange(num_tokens * top_k, device=slot.device)
+    # Kept slots are unique; only the trash entry gets duplicate writes, and
+    # it is cut off below. Slots nobody writes keep N * K: empty.
+    slot_pair = torch.full((trash + 1, ),
+                           num_tokens * top_k,
+                           dtype=torch.long,
+                           device=slot.device).scatter_(
+                               0, flat_slot.reshape(-1), pair_ids)
+    slot_pair = slot_pair[:trash].view(num_experts, slots_per_expert)
     slot_index = torch.where(kept, flat_slot, torch.zeros_like(flat_slot))
-    combine_weights = weights * kept.to(weights.dtype)
     return IndexDispatcher(
-        token_index,
+        torch.div(slot_pair, top_k, rounding_mode='floor'),
         num_tokens,
+        slot_pair=slot_pair,
         slot_index=slot_index.reshape(num_tokens, top_k),
-        combine_weights=combine_weights.reshape(num_tokens, top_k))
+        kept=kept.reshape(num_tokens, top_k),
+        combine_weights=(weights * kept.to(weights.dtype)).reshape(
+            num_tokens, top_k))
 
 
 def expert_choice_dispatcher(token_index: Tensor, weights: Tensor,

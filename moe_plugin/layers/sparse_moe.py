@@ -122,6 +122,13 @@ class SparseMoE(nn.Module):
                                       feedforward_channels, act, expert_drop)
         self.moe_metrics: Dict[str, Tensor] = {}
 
+    def __getstate__(self):
+        # The metrics of the last forward hold the autograd graph: copies
+        # and pickles (EMA, deepcopy) start without them.
+        state = super().__getstate__()
+        state['moe_metrics'] = {}
+        return state
+
     def _check_top_k(self, name: str, value: int):
         if not 1 <= value <= self.num_experts:
             raise ValueError(f'{name} must be in [1, num_experts='

@@ -1,5 +1,7 @@
 """SparseMoE: index dispatch against the one-hot einsum reference, gradients,
 evaluation-time routing, errors."""
+import copy
+
 import pytest
 import torch
 
@@ -49,13 +51,20 @@ def test_index_dispatch_equals_einsum_reference(top_k, capacity_factor,
         eval_group_size=group_size,
         batch_priority=batch_priority,
         renormalize=renormalize).eval()
-    x = torch.randn(6, TOKENS, DIM, dtype=torch.float64)
+    x = torch.randn(6, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(6, TOKENS, DIM, dtype=torch.float64)
     out = layer(x)
+    grads = torch.autograd.grad(out, [x, *layer.parameters()], grad_out)
     expected, dropped = reference_forward(layer, x, top_k, capacity_factor,
                                           batch_priority, group_size)
+    expected_grads = torch.autograd.grad(expected, [x, *layer.parameters()],
+                                         grad_out)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.moe_metrics['dropped_fraction'],
                                dropped)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10,
+                                   atol=1e-12)
 
 
 def test_gradients_reach_every_expert_even_without_tokens():
@@ -119,6 +128,14 @@ def test_set_eval_routing_changes_top_k_and_bpr():
         set_eval_routing(model, top_k=5)
     with pytest.raises(ValueError, match='unknown'):
         set_eval_routing(model, k=1)
+
+
+def test_deepcopy_after_training_forward():
+    layer = make_layer(top_k=2).train()
+    layer(torch.randn(2, TOKENS, DIM, dtype=torch.float64))
+    clone = copy.deepcopy(layer)
+    assert clone.moe_metrics == {}
+    assert 'importance_loss' in layer.moe_metrics
 
 
 def test_per_image_groups_are_batch_independent():
