@@ -3,7 +3,11 @@
 For top-K routing the dense equivalent is the MLP applied to ``K * N``
 tokens (the useful work of the experts). ``ratio = moe_ms / dense_ms`` for a
 forward + backward pass, median of ``--repeats`` runs after a warm-up, all
-inside one run (machines are noisy).
+inside one run (machines are noisy). The experts run over the whole static
+buffer of ``E * G * B`` rows, ``B = ceil(S * K * c / E)`` rounded up to a
+multiple of 4 (864 rows for 800 useful ones at N = 400), so the table also
+gives ``ratio_same_flop``: the MoE against the MLP on as many rows as the
+buffer, i.e. the cost of routing, dispatch and combine alone.
 
 Rows: the static index dispatch (vanilla and BPR) and the one-hot einsum
 reference (the V-MoE way) at N = 400 (8 images of ViT-S/32, one group) and
@@ -12,7 +16,8 @@ H = 1536.
 
 Usage::
 
-    python benchmarks/moe_layer.py [--threads 2] [--repeats 7] [--json out.json]
+    python benchmarks/moe_layer.py [--threads 2] [--repeats 7] \
+        [--json out.json]
 """
 import argparse
 import json
@@ -29,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe_plugin.layers import (SparseMoE, compute_capacity,  # noqa: E402
                                einsum_top_k_combine, einsum_top_k_forward)
 
-DIM, HIDDEN, EXPERTS, TOP_K, FACTOR, TOKENS_PER_IMAGE = 384, 1536, 8, 2, 1.05, 50
+DIM, HIDDEN, EXPERTS, TOP_K, FACTOR = 384, 1536, 8, 2, 1.05
+TOKENS_PER_IMAGE = 50  # ViT-S/32 at 224 px: 49 patches + class token
 GROUP_IMAGES = 8
 
 
@@ -59,8 +65,8 @@ def dense_mlp():
         nn.Linear(HIDDEN, DIM))
 
 
-def time_fwd_bwd(module, x, repeats, warmup=3):
-    """Median milliseconds of forward + backward."""
+def fwd_bwd_step(module, x):
+    """A closure running one forward + backward pass."""
     grad = torch.randn_like(x)
 
     def step():
@@ -68,31 +74,49 @@ def time_fwd_bwd(module, x, repeats, warmup=3):
         x.grad = None
         module(x).backward(grad)
 
+    return step
+
+
+def time_round_robin(steps, repeats, warmup=3):
+    """Median milliseconds of each step and of each step's ratio to the
+    first, timing the steps in turn in every round so that they share the
+    machine's noise."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps:
+            step()
+    times = [[] for _ in steps]
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for step, record in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            record.append((time.perf_counter() - start) * 1e3)
+    medians = [statistics.median(record) for record in times]
+    ratios = [
+        statistics.median(t / d for t, d in zip(record, times[0]))
+        for record in times
+    ]
+    return medians, ratios
 
 
 def run(threads, repeats, device):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     rows = []
+    variants = (('index', False, False), ('index+bpr', True, False),
+                ('einsum', False, True), ('einsum+bpr', True, True))
     for tokens in (400, 3200):
         images = tokens // TOKENS_PER_IMAGE
-        dense_x = torch.randn(
-            TOP_K * tokens, DIM, device=device, requires_grad=True)
-        dense_ms = time_fwd_bwd(dense_mlp().to(device), dense_x, repeats)
+        # The experts run over the whole static buffer of E * G * B rows.
+        buffer_rows = EXPERTS * (images // GROUP_IMAGES) * compute_capacity(
+            GROUP_IMAGES * TOKENS_PER_IMAGE, EXPERTS, TOP_K, FACTOR)
+        steps = []
+        for rows_in in (TOP_K * tokens, buffer_rows):
+            dense_x = torch.randn(
+                rows_in, DIM, device=device, requires_grad=True)
+            steps.append(fwd_bwd_step(dense_mlp().to(device), dense_x))
         x = torch.randn(
             images, TOKENS_PER_IMAGE, DIM, device=device, requires_grad=True)
-        for name, bpr, einsum in (('index', False, False),
-                                  ('index+bpr', True, False),
-                                  ('einsum', False, True),
-                                  ('einsum+bpr', True, True)):
+        for _, bpr, einsum in variants:
             layer = SparseMoE(
                 DIM,
                 HIDDEN,
@@ -101,8 +125,12 @@ def run(threads, repeats, device):
                 capacity_factor=FACTOR,
                 batch_priority=bpr,
                 group_size=GROUP_IMAGES).to(device).train()
-            module = EinsumMoE(layer) if einsum else layer
-            moe_ms = time_fwd_bwd(module, x, repeats)
+            steps.append(fwd_bwd_step(EinsumMoE(layer) if einsum else layer,
+                                      x))
+        medians, ratios = time_round_robin(steps, repeats)
+        dense_ms, buffer_ms = medians[:2]
+        for (name, _, _), moe_ms, ratio in zip(variants, medians[2:],
+                                               ratios[2:]):
             rows.append(
                 dict(
                     layer=f'top{TOP_K}-{name}',
@@ -113,7 +141,10 @@ def run(threads, repeats, device):
                     hidden=HIDDEN,
                     moe_ms=round(moe_ms, 3),
                     dense_equivalent_ms=round(dense_ms, 3),
-                    ratio=round(moe_ms / dense_ms, 3),
+                    ratio=round(ratio, 3),
+                    buffer_rows=buffer_rows,
+                    same_flop_ms=round(buffer_ms, 3),
+                    ratio_same_flop=round(ratio / ratios[1], 3),
                     threads=threads,
                     device=device,
                     repeats=repeats))
@@ -130,12 +161,13 @@ def main():
     if args.repeats < 5:
         parser.error('--repeats must be >= 5')
     rows = run(args.threads, args.repeats, args.device)
-    header = ('layer', 'tokens', 'moe_ms', 'dense_equivalent_ms', 'ratio')
+    header = ('layer', 'tokens', 'moe_ms', 'dense_equivalent_ms', 'ratio',
+              'same_flop_ms', 'ratio_same_flop')
     print(f'torch {torch.__version__}, {args.threads} threads, '
           f'{platform.processor() or platform.machine()}, {args.device}')
-    print(' | '.join(f'{h:>20}' for h in header))
+    print(' | '.join(f'{h:>19}' for h in header))
     for row in rows:
-        print(' | '.join(f'{row[h]!s:>20}' for h in header))
+        print(' | '.join(f'{row[h]!s:>19}' for h in header))
     if args.json:
         tmp = args.json + '.tmp'
         with open(tmp, 'w') as f:

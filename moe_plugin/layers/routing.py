@@ -59,7 +59,8 @@ def compute_capacity(group_tokens: int,
             capacity = int(round(raw))
         else:
             raise ValueError(
-                f"capacity_rounding must be 'ceil' or 'round', got {rounding!r}")
+                "capacity_rounding must be 'ceil' or 'round', "
+                f'got {rounding!r}')
     if multiple_of and multiple_of > 1:
         capacity += (-capacity) % multiple_of
     if capacity <= 0:

@@ -80,7 +80,8 @@ class SparseMoE(nn.Module):
                  eval_group_size: Optional[int] = None):
         super().__init__()
         if router not in ROUTERS:
-            raise ValueError(f'router must be one of {ROUTERS}, got {router!r}')
+            raise ValueError(
+                f'router must be one of {ROUTERS}, got {router!r}')
         if num_experts < 1:
             raise ValueError(f'num_experts must be >= 1, got {num_experts}')
         if capacity is not None:

@@ -1,0 +1,187 @@
+"""Train a model from a config (MMPretrain's ``tools/train.py`` plus).
+
+Additions over MMPretrain's script: it imports ``moe_plugin`` (and works
+from a clone without installation), resumes the run's own checkpoints under
+PyTorch >= 2.6 with a scoped allow-list (``moe_plugin.compat``), trains
+distributed on CPU-only machines with gloo, and prints where the checkpoint
+and the logs went.
+
+Examples:
+    python tools/train.py configs/demo/vmoe-demo_2xb64_digits.py
+    tools/dist_train.sh configs/vmoe/vmoe-s32-last2_8xb1024_in1k.py 8
+    python tools/train.py CONFIG --resume            # latest in work_dir
+    python tools/train.py CONFIG --resume work_dirs/x/iter_100.pth
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+# Run from a clone without installation: the repository root first.
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a model')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='resume from the given checkpoint, or without a value from '
+        'the latest checkpoint in the work directory')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='enable automatic-mixed-precision training')
+    parser.add_argument(
+        '--no-validate',
+        action='store_true',
+        help='do not evaluate the checkpoints during training')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='scale the learning rate by the actual total batch size over '
+        '`auto_scale_lr.base_batch_size`')
+    parser.add_argument(
+        '--no-pin-memory',
+        action='store_true',
+        help='disable the pin_memory option of the dataloaders')
+    parser.add_argument(
+        '--no-persistent-workers',
+        action='store_true',
+        help='disable the persistent_workers option of the dataloaders')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, key=value pairs merged into '
+        'it, e.g. train_cfg.max_epochs=10 "model.backbone.moe_layers=[1,3]"')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # torchrun passes `--local-rank` (older launchers `--local_rank`).
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def set_default_dataloader_cfg(cfg, field, pin_memory=True,
+                               persistent_workers=True):
+    """Fill in MMPretrain's dataloader defaults for ``cfg[field]``.
+
+    ``pin_memory`` is only turned on with CUDA.
+    """
+    if cfg.get(field, None) is None:
+        return
+    import torch
+    dataloader_cfg = ConfigDict(
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=persistent_workers,
+        collate_fn=dict(type='default_collate'))
+    dataloader_cfg.update(cfg[field])
+    cfg[field] = dataloader_cfg
+
+
+def merge_args(cfg, args):
+    """Merge the command line arguments into the config."""
+    if args.no_validate:
+        cfg.val_cfg = None
+        cfg.val_dataloader = None
+        cfg.val_evaluator = None
+
+    cfg.launcher = args.launcher
+
+    # work_dir: command line > config > config file name
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+
+    if args.amp:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+
+    if args.auto_scale_lr:
+        if cfg.get('auto_scale_lr', None) is None:
+            raise ValueError('--auto-scale-lr needs `auto_scale_lr = '
+                             'dict(base_batch_size=...)` in the config')
+        cfg.auto_scale_lr.enable = True
+
+    for field in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        set_default_dataloader_cfg(
+            cfg,
+            field,
+            pin_memory=not args.no_pin_memory,
+            persistent_workers=not args.no_persistent_workers)
+
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+
+    # The DataLoader refuses persistent workers without workers.
+    for field in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        if cfg.get(field, None) and not cfg[field].get('num_workers', 0):
+            cfg[field].persistent_workers = False
+    return cfg
+
+
+def report(runner):
+    """Print the work directory, the last checkpoint and the log file."""
+    if runner.rank != 0:
+        return
+    last = osp.join(runner.work_dir, 'last_checkpoint')
+    if osp.isfile(last):
+        with open(last) as f:
+            checkpoint = f.read().strip()
+    else:
+        checkpoint = '(none saved)'
+    log_file = osp.join(runner.log_dir, f'{runner.timestamp}.log')
+    print(f'work_dir:   {osp.abspath(runner.work_dir)}\n'
+          f'checkpoint: {checkpoint}\n'
+          f'log:        {osp.abspath(log_file)}',
+          flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Registers moe_plugin's models, also for configs without
+    # `custom_imports`.
+    import moe_plugin  # noqa: F401
+    from moe_plugin.compat import allow_run_checkpoints, setup_cpu_distributed
+
+    cfg = Config.fromfile(args.config)
+    cfg = merge_args(cfg, args)
+    setup_cpu_distributed(cfg)
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    allow_run_checkpoints(runner, 'resume')
+
+    runner.train()
+    report(runner)
+
+
+if __name__ == '__main__':
+    main()
