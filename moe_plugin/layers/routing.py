@@ -202,10 +202,18 @@ class RouterLinear(nn.Module):
     Args:
         embed_dims (int): ``D``.
         num_experts (int): ``E``.
+        noise_std (float): training noise is ``N(0, (noise_std / E)^2)`` on
+            the logits. Defaults to 1.0.
     """
 
-    def __init__(self, embed_dims: int, num_experts: int):
+    def __init__(self,
+                 embed_dims: int,
+                 num_experts: int,
+                 noise_std: float = 1.0):
         super().__init__()
+        if noise_std < 0:
+            raise ValueError(f'noise_std must be >= 0, got {noise_std}')
+        self.noise_std = noise_std
         self.weight = nn.Parameter(torch.empty(num_experts, embed_dims))
         # flax's default Dense init (lecun normal), as in vmoe.
         nn.init.trunc_normal_(
@@ -227,15 +235,6 @@ class NoisyTopExpertsPerItem(RouterLinear):
         noise_std (float): training noise is ``N(0, (noise_std / E)^2)`` on
             the logits. Defaults to 1.0.
     """
-
-    def __init__(self,
-                 embed_dims: int,
-                 num_experts: int,
-                 noise_std: float = 1.0):
-        super().__init__(embed_dims, num_experts)
-        if noise_std < 0:
-            raise ValueError(f'noise_std must be >= 0, got {noise_std}')
-        self.noise_std = noise_std
 
     def forward(self,
                 x: Tensor,
@@ -318,15 +317,6 @@ class NoisyTopItemsPerExpert(RouterLinear):
         noise_std (float): as in :class:`NoisyTopExpertsPerItem`.
             Defaults to 1.0.
     """
-
-    def __init__(self,
-                 embed_dims: int,
-                 num_experts: int,
-                 noise_std: float = 1.0):
-        super().__init__(embed_dims, num_experts)
-        if noise_std < 0:
-            raise ValueError(f'noise_std must be >= 0, got {noise_std}')
-        self.noise_std = noise_std
 
     def forward(self, x: Tensor, capacity: int
                 ) -> Tuple[IndexDispatcher, Dict[str, Tensor]]:

@@ -209,6 +209,7 @@ def test_compiles_as_one_graph():
     (dict(act='relu'), "got 'relu'"),
     (dict(expert_drop=1.0), 'dropout'),
     (dict(group_size=0), 'group_size must be >= 1'),
+    (dict(noise_std=-1.0), 'noise_std must be >= 0'),
 ])
 def test_bad_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
