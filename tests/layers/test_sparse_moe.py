@@ -7,6 +7,7 @@ import torch
 
 from moe_plugin.layers import (SparseMoE, compute_capacity,
                                einsum_top_k_combine, einsum_top_k_forward,
+                               gshard_loss, importance_loss, load_loss,
                                set_eval_routing)
 
 DIM, HIDDEN, TOKENS = 16, 24, 9
@@ -65,6 +66,34 @@ def test_index_dispatch_equals_einsum_reference(top_k, capacity_factor,
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-10,
                                    atol=1e-12)
+
+
+@pytest.mark.parametrize('batch_priority', [False, True])
+def test_training_noise_is_noise_std_over_num_experts(batch_priority):
+    layer = make_layer(
+        top_k=2, capacity_factor=0.8, noise_std=2.0, group_size=2,
+        batch_priority=batch_priority).train()
+    x = torch.randn(4, TOKENS, DIM, dtype=torch.float64)
+    torch.manual_seed(123)
+    out = layer(x)
+    # The router draws its noise first: redraw it from the same seed.
+    groups = x.reshape(2, 2 * TOKENS, DIM)
+    logits = groups @ layer.router.weight.T
+    torch.manual_seed(123)
+    noisy = logits + torch.randn_like(logits) * (2.0 / 4)
+    capacity = compute_capacity(2 * TOKENS, 4, 2, 0.8)
+    combine = einsum_top_k_combine(noisy.softmax(-1), 2, capacity,
+                                   batch_priority)
+    expected = einsum_top_k_forward(groups, combine, layer.experts)
+    torch.testing.assert_close(out, expected.view_as(x), rtol=1e-12,
+                               atol=1e-12)
+    torch.testing.assert_close(
+        layer.moe_metrics['load_loss'],
+        load_loss(logits, noisy, 2.0 / 4, 2))
+    torch.testing.assert_close(layer.moe_metrics['gshard_loss'],
+                               gshard_loss(noisy.softmax(-1)))
+    torch.testing.assert_close(layer.moe_metrics['importance_loss'],
+                               importance_loss(logits.softmax(-1)))
 
 
 def test_gradients_reach_every_expert_even_without_tokens():
