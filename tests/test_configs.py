@@ -23,12 +23,14 @@ def load(path):
 
 
 def moe_blocks(model):
-    """Indices of the backbone blocks whose FFN is a SparseMoE."""
+    """Indices of the ViT blocks whose FFN is an MoE layer (any module with
+    ``moe_metrics``, as :class:`MoEImageClassifier` finds them)."""
     indices = set()
     for name, module in model.named_modules():
-        if isinstance(module, SparseMoE):
-            indices.add(int(re.search(r'layers\.(\d+)\.', name).group(1)))
-    return sorted(indices)
+        if isinstance(getattr(module, 'moe_metrics', None), dict):
+            match = re.search(r'layers\.(\d+)\.', name)
+            indices.add(int(match.group(1)) if match else name)
+    return sorted(indices, key=lambda i: (isinstance(i, str), str(i).zfill(4)))
 
 
 def vit_param_count(dims, depth, mlp, img, patch, classes, pre_logits,
