@@ -1,4 +1,5 @@
 """The V-MoE layer: router + static index dispatch + batched experts."""
+import numbers
 from typing import Dict, Optional
 
 from torch import Tensor, nn
@@ -8,6 +9,16 @@ from .routing import (NoisyTopExpertsPerItem, NoisyTopItemsPerExpert,
                       compute_capacity)
 
 ROUTERS = ('token_choice', 'expert_choice')
+CAPACITY_ROUNDINGS = ('ceil', 'round')
+
+
+def _check_group_size(name: str, value) -> None:
+    """A group size is a whole number of images >= 1, or None."""
+    if value is None:
+        return
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or value < 1):
+        raise ValueError(f'{name} must be >= 1 or None, got {value!r}')
 
 
 class SparseMoE(nn.Module):
@@ -108,9 +119,11 @@ class SparseMoE(nn.Module):
         for name in ('top_k', 'eval_top_k'):
             self._check_top_k(name, getattr(self, name))
         for name in ('group_size', 'eval_group_size'):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f'{name} must be >= 1 or None, got {value}')
+            _check_group_size(name, getattr(self, name))
+        if capacity_rounding not in CAPACITY_ROUNDINGS:
+            raise ValueError(
+                f'capacity_rounding must be one of {CAPACITY_ROUNDINGS}, '
+                f'got {capacity_rounding!r}')
         for factor in (self.capacity_factor, self.eval_capacity_factor):
             # Validates the factor, the explicit capacity and the rounding.
             compute_capacity(1, num_experts, 1, factor,
@@ -224,22 +237,25 @@ def set_eval_routing(model: nn.Module, **options) -> int:
     if unknown:
         raise ValueError(f'unknown eval routing options {sorted(unknown)}; '
                          f'valid: {valid}')
-    changed = 0
-    for module in model.modules():
-        if not isinstance(module, SparseMoE):
-            continue
+    layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    # Validate everything first so that a bad value changes no layer.
+    for module in layers:
         if options.get('top_k') is not None:
             module._check_top_k('eval_top_k', options['top_k'])
-            module.eval_top_k = options['top_k']
         if options.get('capacity_factor') is not None:
             compute_capacity(1, module.num_experts, 1,
                              options['capacity_factor'], None,
                              module.capacity_multiple_of,
                              module.capacity_rounding)
+    if 'group_size' in options:
+        _check_group_size('group_size', options['group_size'])
+    for module in layers:
+        if options.get('top_k') is not None:
+            module.eval_top_k = options['top_k']
+        if options.get('capacity_factor') is not None:
             module.eval_capacity_factor = options['capacity_factor']
         if options.get('batch_priority') is not None:
             module.eval_batch_priority = bool(options['batch_priority'])
         if 'group_size' in options:
             module.eval_group_size = options['group_size']
-        changed += 1
-    return changed
+    return len(layers)
