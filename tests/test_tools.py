@@ -3,7 +3,6 @@
 Every test starts the tools as subprocesses with this interpreter, on the
 tiny config and image folder of ``conftest.py``.
 """
-import json
 import os
 import os.path as osp
 import socket
@@ -19,7 +18,11 @@ from moe_plugin.compat import run_checkpoint_scope
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-def run_tool(args, timeout=240, env=None):
+#: Generous: a loaded 2-core machine must not fail a test by being slow.
+TIMEOUT = 1800
+
+
+def run_tool(args, timeout=TIMEOUT, env=None):
     """Run a command from the repository root; fail with its output."""
     full_env = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}))
     proc = subprocess.run(
@@ -123,46 +126,96 @@ def test_dist_train_two_cpu_processes(tiny_moe_config, tmp_path):
     assert checkpoint['meta']['iter'] == 4
 
 
-def test_test_tool_changes_eval_routing(tiny_moe_config, tiny_image_folder,
-                                        tmp_path):
+def reference_scores(config, checkpoint, image_folder, routing, options):
+    """Class scores of the val images with every SparseMoE replaced by the
+    one-hot einsum reference run with ``routing``, in the test loader's
+    batches: ``{image path: [classes]}``. ``options`` change the config."""
+    import types
+
     from mmengine.config import Config
     from mmpretrain.registry import MODELS
     from PIL import Image
 
-    from moe_plugin.layers import SparseMoE, set_eval_routing
+    from moe_plugin.layers import SparseMoE, einsum_sparse_moe_forward
 
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict(options)
+    model = MODELS.build(cfg.model).eval()
+    model.load_state_dict(load_run_checkpoint(checkpoint)['state_dict'])
+    for layer in model.modules():
+        if isinstance(layer, SparseMoE):
+            layer.forward = types.MethodType(
+                lambda self, x: einsum_sparse_moe_forward(self, x, **routing),
+                layer)
+    # CustomDataset's order: classes, then file names, sorted.
+    paths = [
+        osp.join(image_folder, 'val', cls, name) for cls in ('a', 'b')
+        for name in sorted(os.listdir(osp.join(image_folder, 'val', cls)))
+    ]
+    batch_size = cfg.test_dataloader.batch_size
+    scores = {}
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start:start + batch_size]
+        images = torch.stack([
+            torch.from_numpy(np.array(Image.open(p).convert('RGB'))).permute(
+                2, 0, 1).float() for p in batch
+        ])
+        with torch.no_grad():
+            logits = model((images - 127.5) / 127.5, mode='tensor')
+        scores.update(zip(batch, logits.softmax(-1)))
+    return scores
+
+
+def test_test_tool_changes_eval_routing(tiny_moe_config, tiny_image_folder,
+                                        tmp_path):
+    import pickle
+
+    # The MoE in the first block: in the last one only the class token's
+    # routing would reach the logits.
+    options = {'model.backbone.moe_layers': [0]}
     train(tiny_moe_config, tmp_path / 'run', '--cfg-options',
-          'train_cfg.max_iters=2')
+          'train_cfg.max_iters=2', 'model.backbone.moe_layers=[0]')
     checkpoint = str(tmp_path / 'run' / 'iter_2.pth')
-    out = tmp_path / 'metrics.json'
+    out = tmp_path / 'preds.pkl'
     log = run_tool([
         sys.executable,
         osp.join(REPO_ROOT, 'tools', 'test.py'), tiny_moe_config, checkpoint,
         '--work-dir',
-        str(tmp_path / 'test'), '--eval-capacity-factor', '0.25',
-        '--eval-batch-priority', 'on', '--out',
-        str(out), '--out-item', 'metrics'
+        str(tmp_path / 'test'), '--eval-top-k', '1',
+        '--eval-capacity-factor', '0.5', '--eval-batch-priority', 'on',
+        '--eval-group-size', '2', '--out',
+        str(out), '--cfg-options', 'model.backbone.moe_layers=[0]'
     ])
     assert 'Test-time routing of 1 MoE layers' in log
-    accuracy = json.loads(out.read_text())['accuracy/top1']
+    with open(out, 'rb') as f:
+        tool_scores = {r['img_path']: r['pred_score'] for r in pickle.load(f)}
 
-    # Independent reference: the same weights and routing, run in-process.
-    cfg = Config.fromfile(tiny_moe_config)
-    model = MODELS.build(cfg.model).eval()
-    model.load_state_dict(load_run_checkpoint(checkpoint)['state_dict'])
-    assert set_eval_routing(
-        model, capacity_factor=0.25, batch_priority=True) == 1
-    moe = [m for m in model.modules() if isinstance(m, SparseMoE)][0]
-    assert moe.eval_capacity_factor == 0.25 and moe.eval_batch_priority
-    correct = total = 0
-    for label, cls in enumerate(('a', 'b')):
-        folder = osp.join(tiny_image_folder, 'val', cls)
-        for name in sorted(os.listdir(folder)):
-            img = torch.from_numpy(
-                np.array(Image.open(osp.join(folder, name)).convert('RGB')))
-            x = (img.permute(2, 0, 1).float()[None] - 127.5) / 127.5
-            with torch.no_grad():
-                pred = model(x, mode='tensor').argmax(-1).item()
-            correct += int(pred == label)
-            total += 1
-    assert accuracy == pytest.approx(100.0 * correct / total)
+    # Independent reference: the einsum formulation with the same routing.
+    tested = dict(top_k=1, capacity_factor=0.5, batch_priority=True,
+                  group_size=2)
+    expected = reference_scores(tiny_moe_config, checkpoint,
+                                tiny_image_folder, tested, options)
+    assert sorted(tool_scores) == sorted(expected)
+    for path, score in expected.items():
+        torch.testing.assert_close(tool_scores[path], score, msg=path)
+    # Each option matters: the config's own routing (per-image groups) or a
+    # single option left at its training value gives other scores.
+    for changed in (dict(top_k=2), dict(capacity_factor=1.05),
+                    dict(batch_priority=False), dict(group_size=None)):
+        other = reference_scores(tiny_moe_config, checkpoint,
+                                 tiny_image_folder, dict(tested, **changed),
+                                 options)
+        assert any(not torch.allclose(tool_scores[p], other[p], atol=1e-6)
+                   for p in other), changed
+
+
+def test_test_tool_rejects_a_bad_group_size(tiny_moe_config):
+    proc = subprocess.run([
+        sys.executable,
+        osp.join(REPO_ROOT, 'tools', 'test.py'), tiny_moe_config, 'x.pth',
+        '--eval-group-size', '0'
+    ], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2
+    assert "--eval-group-size: expected a whole number of images >= 1 or " \
+        "'image', got '0'" in proc.stdout

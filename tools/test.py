@@ -9,7 +9,7 @@ changes the test-time routing of every MoE layer from the command line.
 Examples:
     python tools/test.py CONFIG work_dirs/x/epoch_30.pth
     python tools/test.py CONFIG CKPT --eval-capacity-factor 0.5 \\
-        --eval-batch-priority on
+        --eval-batch-priority on --eval-group-size 8
     tools/dist_test.sh CONFIG CKPT 8 --eval-top-k 1
 """
 import argparse
@@ -28,6 +28,25 @@ from mmengine.runner import Runner
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+
+#: ``--eval-group-size image``: each image is its own routing group.
+PER_IMAGE = 'image'
+
+
+def group_size_arg(value):
+    """``--eval-group-size``: a whole number >= 1, or ``image``."""
+    if value == PER_IMAGE:
+        return PER_IMAGE
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1 or str(number) != value:
+        raise argparse.ArgumentTypeError(
+            f'expected a whole number of images >= 1 or {PER_IMAGE!r}, got '
+            f'{value!r}')
+    return number
 
 
 def parse_args(argv=None):
@@ -51,6 +70,12 @@ def parse_args(argv=None):
         '--eval-capacity-factor',
         type=float,
         help='capacity factor at test time in every MoE layer')
+    parser.add_argument(
+        '--eval-group-size',
+        type=group_size_arg,
+        metavar='{N,image}',
+        help='routing group at test time in every MoE layer: N images per '
+        'group, or "image" for each image its own group (batch independent)')
     parser.add_argument(
         '--eval-batch-priority',
         choices=['on', 'off'],
@@ -148,6 +173,9 @@ def apply_eval_routing(runner, args):
         batch_priority=None if args.eval_batch_priority is None else
         args.eval_batch_priority == 'on')
     changes = {k: v for k, v in changes.items() if v is not None}
+    if args.eval_group_size is not None:
+        changes['group_size'] = (None if args.eval_group_size == PER_IMAGE
+                                 else args.eval_group_size)
     if not changes:
         return 0
     from moe_plugin.layers import set_eval_routing

@@ -2,7 +2,8 @@
 from .dispatch import (IndexDispatcher, expert_choice_dispatcher,
                        token_choice_dispatcher)
 from .experts import BatchedExperts, build_activation
-from .reference import einsum_top_k_combine, einsum_top_k_forward
+from .reference import (einsum_sparse_moe_forward, einsum_top_k_combine,
+                        einsum_top_k_forward)
 from .routing import (NoisyTopExpertsPerItem, NoisyTopItemsPerExpert,
                       TopKAssignment, assign_top_k, compute_capacity,
                       gshard_loss, importance_loss, load_loss, z_loss)
@@ -14,5 +15,5 @@ __all__ = [
     'NoisyTopItemsPerExpert', 'TopKAssignment', 'assign_top_k',
     'compute_capacity', 'importance_loss', 'load_loss', 'gshard_loss',
     'z_loss', 'SparseMoE', 'set_eval_routing', 'einsum_top_k_combine',
-    'einsum_top_k_forward'
+    'einsum_top_k_forward', 'einsum_sparse_moe_forward'
 ]

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .routing import compute_capacity
+
 
 def einsum_top_k_combine(gates: Tensor,
                          top_k: int,
@@ -72,3 +74,38 @@ def einsum_top_k_forward(x: Tensor, combine: Tensor, experts) -> Tensor:
     expert_out = experts(expert_in.reshape(num_experts, groups * capacity, -1))
     expert_out = expert_out.view(num_experts, groups, capacity, -1)
     return torch.einsum('egbd,gseb->gsd', expert_out, combine.to(x.dtype))
+
+
+def einsum_sparse_moe_forward(layer,
+                              x: Tensor,
+                              top_k: int,
+                              capacity_factor: float,
+                              batch_priority: bool = False,
+                              group_size=None) -> Tensor:
+    """A token-choice ``SparseMoE``'s forward without noise, through the
+    one-hot einsum and with the routing options given here, not read from
+    the layer (the tests' independent reference for evaluation routing).
+
+    Args:
+        layer (SparseMoE): supplies the router and expert weights, the
+            capacity rounding and ``renormalize``.
+        x (Tensor): ``[B, N, D]`` tokens.
+        top_k (int): ``K``.
+        capacity_factor (float): ``c``.
+        batch_priority (bool): Batch Priority Routing. Defaults to False.
+        group_size (int, optional): images per group; None for one image
+            per group. Defaults to None.
+
+    Returns:
+        Tensor: ``[B, N, D]``.
+    """
+    images, _, dims = x.shape
+    groups = x.reshape(images // (group_size or 1), -1, dims)
+    logits = groups.to(layer.router.weight.dtype) @ layer.router.weight.T
+    capacity = compute_capacity(groups.shape[1], layer.num_experts, top_k,
+                                capacity_factor, None,
+                                layer.capacity_multiple_of,
+                                layer.capacity_rounding)
+    combine = einsum_top_k_combine(logits.softmax(-1), top_k, capacity,
+                                   batch_priority, layer.renormalize)
+    return einsum_top_k_forward(groups, combine, layer.experts).view_as(x)

@@ -5,8 +5,7 @@ with the training value."""
 import pytest
 import torch
 
-from moe_plugin.layers import (SparseMoE, compute_capacity,
-                               einsum_top_k_combine, einsum_top_k_forward,
+from moe_plugin.layers import (SparseMoE, einsum_sparse_moe_forward,
                                set_eval_routing)
 
 DIM, HIDDEN, TOKENS, IMAGES, EXPERTS = 16, 24, 9, 4, 4
@@ -22,13 +21,8 @@ NEW_VALUES = dict(top_k=1, capacity_factor=1.5, batch_priority=True,
 
 def reference(layer, x, top_k, capacity_factor, batch_priority, group_size):
     """The layer's maths through the one-hot einsum, routing given here."""
-    images, tokens, dims = x.shape
-    groups = x.reshape(images // (group_size or 1), -1, dims)
-    gates = (groups @ layer.router.weight.T).softmax(-1)
-    capacity = compute_capacity(groups.shape[1], layer.num_experts, top_k,
-                                capacity_factor)
-    combine = einsum_top_k_combine(gates, top_k, capacity, batch_priority)
-    return einsum_top_k_forward(groups, combine, layer.experts).view_as(x)
+    return einsum_sparse_moe_forward(layer, x, top_k, capacity_factor,
+                                     batch_priority, group_size)
 
 
 def make_layer(**eval_options):
