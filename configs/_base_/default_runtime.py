@@ -13,6 +13,9 @@ default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='VisualizationHook', enable=False),
+    # Random states in every checkpoint: a resumed run draws the same router
+    # noise, dropout and augmentation as an uninterrupted one.
+    rng_state=dict(type='RandomStateHook'),
 )
 
 env_cfg = dict(

@@ -36,6 +36,10 @@ class MoEImageClassifier(ImageClassifier):
       ``<layer>`` is the module name without the leading ``backbone.``
       (e.g. ``moe.layers.5.ffn.dropped``).
 
+    Under DDP every rank computes these on its own batch; MMEngine 0.10
+    does not reduce logged values across ranks, so the log shows rank 0's
+    statistics (the losses' gradients are averaged by DDP as usual).
+
     See `V-MoE <https://arxiv.org/abs/2106.05974>`_ for the losses.
 
     Args:
