@@ -161,6 +161,9 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(
     for key in one:
         assert torch.equal(rank0[key], rank1[key]), key
     assert_nested_close(rank0, one)
+    # Each rank's random states were gathered into the checkpoint.
+    states = load_run_checkpoint(ddp / 'iter_4.pth')['rng_states']
+    assert len(states) == 2
     # The weights moved: equality is not that of untrained models.
     initial = load_run_checkpoint(ddp / 'iter_2.pth')['state_dict']
     assert any(not torch.allclose(initial[k], one[k]) for k in one)
