@@ -42,7 +42,9 @@ setup(
     ],
     extras_require={
         'lite': ['mmcv-lite>=2.0.0rc4,<2.4'],
-        'dev': ['pytest', 'flake8', 'isort', 'yapf', 'scikit-learn'],
+        'entmax': ['entmax>=1.1'],
+        'dev': ['pytest', 'flake8', 'isort', 'yapf', 'scikit-learn',
+                'entmax>=1.1'],
     },
     zip_safe=False,
 )

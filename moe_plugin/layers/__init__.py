@@ -7,13 +7,16 @@ from .reference import (einsum_sparse_moe_forward, einsum_top_k_combine,
 from .routing import (NoisyTopExpertsPerItem, NoisyTopItemsPerExpert,
                       TopKAssignment, assign_top_k, compute_capacity,
                       gshard_loss, importance_loss, load_loss, z_loss)
+from .soft_moe import SoftMoE
 from .sparse_moe import SparseMoE, set_eval_routing
+from .sphero_moe import SpheroMoE
 
 __all__ = [
     'IndexDispatcher', 'token_choice_dispatcher', 'expert_choice_dispatcher',
     'BatchedExperts', 'build_activation', 'NoisyTopExpertsPerItem',
     'NoisyTopItemsPerExpert', 'TopKAssignment', 'assign_top_k',
     'compute_capacity', 'importance_loss', 'load_loss', 'gshard_loss',
-    'z_loss', 'SparseMoE', 'set_eval_routing', 'einsum_top_k_combine',
-    'einsum_top_k_forward', 'einsum_sparse_moe_forward'
+    'z_loss', 'SparseMoE', 'SoftMoE', 'SpheroMoE', 'set_eval_routing',
+    'einsum_top_k_combine', 'einsum_top_k_forward',
+    'einsum_sparse_moe_forward'
 ]

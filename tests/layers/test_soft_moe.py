@@ -1,0 +1,133 @@
+"""SoftMoE against a slow per-token, per-slot loop of the spec's equations."""
+
+import pytest
+import torch
+
+from moe_plugin.layers import SoftMoE
+
+DIM, HIDDEN, TOKENS, EXPERTS = 8, 12, 5, 3
+
+
+def expert(experts, e, v):
+    """Expert ``e`` of a ``BatchedExperts`` on one vector (no dropout)."""
+    h = experts.act(v @ experts.w1[e] + experts.b1[e])
+    return h @ experts.w2[e] + experts.b2[e]
+
+
+def loop_soft_moe(layer, x):
+    """Soft MoE one image, token and slot at a time (float64)."""
+    images, tokens, _ = x.shape
+    slots = layer.slots_per_expert
+    outputs, dispatch_sums, combine_sums = [], [], []
+    for b in range(images):
+        keys = [x[b, m] / torch.sqrt(x[b, m].square().sum() + 1e-6)
+                for m in range(tokens)]
+        logit = {}
+        for e in range(EXPERTS):
+            for j in range(slots):
+                column = layer.mu[:, e, j]
+                query = column / torch.sqrt(column.square().sum() + 1e-6)
+                for m in range(tokens):
+                    logit[m, e, j] = layer.scale * (keys[m] @ query)
+        slot_out = {}
+        for e in range(EXPERTS):
+            for j in range(slots):
+                norm = sum(torch.exp(logit[m, e, j]) for m in range(tokens))
+                weights = [torch.exp(logit[m, e, j]) / norm
+                           for m in range(tokens)]
+                dispatch_sums.append(sum(weights))
+                slot_in = sum(w * x[b, m] for m, w in enumerate(weights))
+                slot_out[e, j] = expert(layer.experts, e, slot_in)
+        rows = []
+        for m in range(tokens):
+            norm = sum(torch.exp(logit[m, e, j]) for e in range(EXPERTS)
+                       for j in range(slots))
+            weights = {k: torch.exp(logit[(m, ) + k]) / norm
+                       for k in slot_out}
+            combine_sums.append(sum(weights.values()))
+            rows.append(sum(weights[k] * slot_out[k] for k in slot_out))
+        outputs.append(torch.stack(rows))
+    return torch.stack(outputs), dispatch_sums, combine_sums
+
+
+def make_layer(**kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault('slots_per_expert', 2)
+    return SoftMoE(DIM, HIDDEN, num_experts=EXPERTS, **kwargs).double()
+
+
+def test_matches_loop_reference_and_weights_sum_to_one():
+    layer = make_layer()
+    with torch.no_grad():
+        layer.scale.fill_(3.0)  # a scale that matters
+    x = torch.randn(3, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, TOKENS, DIM, dtype=torch.float64)
+    out = layer(x)
+    expected, dispatch_sums, combine_sums = loop_soft_moe(layer, x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for total in dispatch_sums + combine_sums:
+        assert total.item() == pytest.approx(1.0, abs=1e-12)
+    dispatch, combine = layer.routing_weights(x)
+    torch.testing.assert_close(dispatch.sum(1), torch.ones_like(
+        dispatch.sum(1)))
+    torch.testing.assert_close(combine.sum(-1), torch.ones_like(
+        combine.sum(-1)))
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad(out, params, grad_out)
+    expected_grads = torch.autograd.grad(expected, params, grad_out)
+    for name, grad, ref in zip(['x', *dict(layer.named_parameters())], grads,
+                               expected_grads):
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12,
+                                   msg=name)
+    load = layer.moe_metrics['expert_load']
+    assert load.shape == (EXPERTS, ) and load.sum().item() == pytest.approx(1)
+
+
+def test_batch_independent_and_deterministic():
+    layer = make_layer().eval()
+    x = torch.randn(4, TOKENS, DIM, dtype=torch.float64)
+    out = layer(x)
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    torch.testing.assert_close(out[1:2], layer(x[1:2]), rtol=1e-13,
+                               atol=1e-13)
+
+
+@pytest.mark.parametrize('tokens,factor,slots', [(10, 1.0, 3), (12, 1.0, 4),
+                                                 (197, 1.0, 66),
+                                                 (10, 0.5, 2)])
+def test_capacity_factor_gives_rounded_slots(tokens, factor, slots):
+    # round(N * c / E), half to even: 10/3 -> 3, 12/3 -> 4, 5/3 -> 2.
+    layer = SoftMoE(DIM, HIDDEN, num_experts=EXPERTS, capacity_factor=factor,
+                    num_tokens=tokens)
+    assert layer.slots_per_expert == slots
+    assert layer.mu.shape == (DIM, EXPERTS, slots)
+
+
+def test_routing_stays_float32_under_bfloat16_autocast():
+    layer = make_layer().float()
+    x = torch.randn(2, TOKENS, DIM)
+    reference = layer.routing_weights(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        half = layer.routing_weights(x)
+        out = layer(x)
+    for a, b in zip(reference, half):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(slots_per_expert=0), 'slots_per_expert must be an integer >= 1, '
+     'got 0'),
+    (dict(slots_per_expert=1.5), 'got 1.5'),
+    (dict(capacity_factor=1.0), 'needs num_tokens'),
+    (dict(capacity_factor=0.1, num_tokens=5), 'gives 0 slots per expert'),
+    (dict(capacity_factor=-1.0, num_tokens=5), 'capacity_factor must be > 0'),
+    (dict(num_experts=0), 'num_experts must be >= 1, got 0'),
+    (dict(expert_drop=1.5), 'dropout'),
+])
+def test_bad_config(kwargs, match):
+    kwargs.setdefault('num_experts', EXPERTS)
+    with pytest.raises(ValueError, match=match):
+        SoftMoE(DIM, HIDDEN, **kwargs)
