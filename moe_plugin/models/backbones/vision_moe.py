@@ -4,6 +4,7 @@ import re
 from functools import partial
 from typing import List, Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from mmpretrain.models import VisionTransformer
@@ -28,8 +29,9 @@ def parse_moe_layers(moe_layers: Union[str, Sequence[int], None],
     Args:
         moe_layers (str | Sequence[int] | None): ``'every-n'`` (blocks
             ``n-1, 2n-1, ...``), ``'last-n'`` (the last ``n`` odd blocks, as
-            V-MoE), an explicit sequence of 0-based indices, or None / an
-            empty sequence for no MoE block.
+            V-MoE), ``'last-n-blocks'`` (the last ``n`` blocks, consecutive,
+            as Soft MoE and MoE Jetpack), an explicit sequence of 0-based
+            indices, or None / an empty sequence for no MoE block.
         num_layers (int): Number of blocks ``L``.
 
     Returns:
@@ -40,20 +42,28 @@ def parse_moe_layers(moe_layers: Union[str, Sequence[int], None],
         [1, 3, 5, 7, 9, 11]
         >>> parse_moe_layers('last-2', 8)
         [5, 7]
+        >>> parse_moe_layers('last-6-blocks', 12)
+        [6, 7, 8, 9, 10, 11]
     """
     if moe_layers is None:
         return []
     if isinstance(moe_layers, str):
-        match = re.fullmatch(r'(every|last)-(\d+)', moe_layers)
-        if match is None:
+        match = re.fullmatch(r'(every|last)-(\d+)(-blocks)?', moe_layers)
+        if match is None or (match.group(3) and match.group(1) == 'every'):
             raise ValueError(
-                f"`moe_layers` must be 'every-<n>', 'last-<n>' or a list of "
-                f'block indices, got {moe_layers!r}')
+                f"`moe_layers` must be 'every-<n>', 'last-<n>', "
+                f"'last-<n>-blocks' or a list of block indices, got "
+                f'{moe_layers!r}')
         kind, n = match.group(1), int(match.group(2))
         if n < 1:
             raise ValueError(f'`moe_layers`={moe_layers!r} needs n >= 1')
         if kind == 'every':
             indices = list(range(n - 1, num_layers, n))
+        elif match.group(3):
+            if n > num_layers:
+                raise ValueError(f'`moe_layers`={moe_layers!r} asks for {n} '
+                                 f'blocks but the model has {num_layers}')
+            indices = list(range(num_layers - n, num_layers))
         else:
             odd = list(range(1, num_layers, 2))
             if n > len(odd):
@@ -146,9 +156,14 @@ class VisionMoE(VisionTransformer):
             (the last n odd blocks) or 0-based block indices; see
             :func:`parse_moe_layers`. Defaults to ``'last-2'``.
         moe_cfg (dict, optional): Config of the MoE layer (``type`` and its
-            arguments); ``embed_dims``, ``feedforward_channels`` and ``act``
-            are filled in from the backbone. Defaults to
-            ``dict(type='SparseMoE')``.
+            arguments); ``embed_dims``, ``feedforward_channels``, ``act``,
+            ``num_tokens`` (patches + class token) and ``drop_path_rate``
+            are filled in from the backbone where the layer takes them.
+            Defaults to ``dict(type='SparseMoE')``.
+        moe_drop_path_rate (float): Per-sample drop path inside the MoE
+            layers that take a ``drop_path_rate`` (``SpheroMoE``), rising
+            linearly from 0 at the first block to this value at the last
+            (MoE Jetpack's ``moe_drop_path_rate``). Defaults to 0.
         act (str): FFN activation of every block, dense and MoE:
             ``'gelu_tanh'`` (tanh approximation, as V-MoE) or ``'gelu'``
             (exact, as MMPretrain and DeiT). Defaults to ``'gelu_tanh'``.
@@ -221,6 +236,7 @@ class VisionMoE(VisionTransformer):
                  patch_size: int = 32,
                  moe_layers: Union[str, Sequence[int], None] = 'last-2',
                  moe_cfg: Optional[dict] = None,
+                 moe_drop_path_rate: float = 0.0,
                  act: str = 'gelu_tanh',
                  out_type: str = 'cls_token',
                  with_cls_token: bool = True,
@@ -256,12 +272,22 @@ class VisionMoE(VisionTransformer):
 
         self.moe_layers = tuple(moe_indices)
         moe_cfg = dict(type='SparseMoE') if moe_cfg is None else moe_cfg
+        if not 0.0 <= moe_drop_path_rate < 1.0:
+            raise ValueError(f'`moe_drop_path_rate` must be in [0, 1), got '
+                             f'{moe_drop_path_rate}')
+        # Per-sample drop path inside the MoE layers that take one, growing
+        # linearly with depth (MoE Jetpack's rule).
+        moe_dpr = torch.linspace(0, moe_drop_path_rate, num_layers).tolist()
+        num_tokens = (self.patch_resolution[0] * self.patch_resolution[1] +
+                      self.num_extra_tokens)
         for i in self.moe_layers:
             moe = build_moe_layer(
                 moe_cfg,
                 embed_dims=self.embed_dims,
                 feedforward_channels=arch_settings['feedforward_channels'],
-                act=act)
+                act=act,
+                num_tokens=num_tokens,
+                drop_path_rate=moe_dpr[i])
             self.layers[i] = MoETransformerEncoderLayer(self.layers[i], moe)
 
         if self.out_type == 'map':
@@ -314,6 +340,36 @@ class VisionMoE(VisionTransformer):
             if ckpt_shape != tuple(tensor.shape):
                 raise ValueError(f'{key}: checkpoint {ckpt_shape} vs model '
                                  f'{tuple(tensor.shape)}')
+
+    #: Soft-routing parameters of an MoE layer (Soft MoE's slots ``mu`` and
+    #: ``scale``; SpheroMoE's slots ``phi``, temperatures ``scales`` and
+    #: ``slot_norm``), put at the top depth by :meth:`get_layer_depth`.
+    ROUTING_PARAMS = ('mu', 'scale', 'phi', 'scales', 'slot_norm')
+
+    def get_layer_depth(self, param_name: str, prefix: str = ''):
+        """Layer-wise depth of a parameter, for MMPretrain's layer decay.
+
+        As ``VisionTransformer.get_layer_depth``, except that the soft
+        routing parameters of an MoE block (:attr:`ROUTING_PARAMS`: slots,
+        temperatures, slot norms, scale) sit at the top depth, with the
+        head, while its experts (and a sparse layer's router) stay at their
+        block's depth (MoE Jetpack's rule).
+
+        Args:
+            param_name (str): The name of the parameter.
+            prefix (str): The prefix for the parameter. Defaults to ''.
+
+        Returns:
+            Tuple[int, int]: The layer depth and the number of depths.
+        """
+        layer_depth, num_depths = super().get_layer_depth(param_name, prefix)
+        parts = param_name[len(prefix):].split('.')
+        if (param_name.startswith(prefix) and len(parts) > 3
+                and parts[0] == 'layers' and int(parts[1]) in self.moe_layers
+                and parts[2] == 'ffn'
+                and parts[3] in self.ROUTING_PARAMS):
+            return num_depths - 1, num_depths
+        return layer_depth, num_depths
 
     def _freeze_stages(self) -> None:
         super()._freeze_stages()
