@@ -157,3 +157,50 @@ def test_demo_config_builds_trains_a_step_and_reads_data(tmp_path):
     losses = model(**data, mode='loss')
     assert {'loss_cls', 'loss_moe_aux'} <= set(losses)
     assert torch.isfinite(sum(v for k, v in losses.items() if 'loss' in k))
+
+
+def test_moejet_recipe_and_downstream_configs():
+    from moe_plugin.layers import SpheroMoE
+    cfg = load('configs/moejet/vjetmoe-t_4xb256_in1k.py')
+    with torch.device('meta'):
+        model = MODELS.build(cfg.model)
+    assert moe_blocks(model) == [6, 7, 8, 9, 10, 11]
+    layers = [m for m in model.modules() if isinstance(m, SpheroMoE)]
+    assert all(m.num_core_experts == 98 and m.num_universal_experts == 196
+               for m in layers)
+    assert layers[0].core_experts.w1.shape == (98, 192, 768)
+    assert layers[0].univ_experts.w1.shape == (196, 192, 192)
+    assert layers[0].combine == 'entmax15'
+    assert layers[0].noise_mult == pytest.approx(1 / 294)
+    # MoE drop path linear in depth up to 0.1 at block 11.
+    assert layers[-1].drop_path.drop_prob == pytest.approx(0.1)
+    # Total batch 4096 = 4 GPUs x 256 x accumulation 4, derived.
+    assert cfg.num_gpus * cfg.batch_per_gpu * \
+        cfg.optim_wrapper.accumulative_counts == 4096
+    assert cfg.optim_wrapper.accumulative_counts == 4
+    assert cfg.optim_wrapper.paramwise_cfg.layer_decay_rate == 0.6
+    assert cfg.load_from.startswith('weights/')
+    assert load('configs/moejet/vjetmoe-t_4xb256_in1k-scratch.py'
+                ).load_from is None
+    classes = dict(cifar10=10, cifar100=100, flowers102=102, pets=37,
+                   dtd=47, food101=101, stl10=10, svhn=10)
+    for name, count in classes.items():
+        ds = load(f'configs/moejet/vjetmoe-t_4xb128_{name}.py')
+        assert ds.model.head.num_classes == count, name
+        assert ds.data_preprocessor.num_classes == count, name
+        assert ds.model.backbone.moe_cfg.num_universal_experts == 196
+
+
+def test_soft_moe_configs():
+    from moe_plugin.layers import SoftMoE
+    for path, dims in (('configs/soft_moe/softmoe-s16-128e_8xb512_in1k.py',
+                        384),
+                       ('configs/soft_moe/softmoe-b16-128e_8xb512_in1k.py',
+                        768)):
+        with torch.device('meta'):
+            model = MODELS.build(load(path).model)
+        assert moe_blocks(model) == [6, 7, 8, 9, 10, 11]
+        layers = [m for m in model.modules() if isinstance(m, SoftMoE)]
+        assert all(m.num_experts == 128 and m.slots_per_expert == 1
+                   for m in layers)
+        assert layers[0].mu.shape == (dims, 128, 1)

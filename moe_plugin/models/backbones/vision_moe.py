@@ -4,7 +4,6 @@ import re
 from functools import partial
 from typing import List, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 from mmengine.model import BaseModule
 from mmpretrain.models import VisionTransformer
@@ -277,7 +276,10 @@ class VisionMoE(VisionTransformer):
                              f'{moe_drop_path_rate}')
         # Per-sample drop path inside the MoE layers that take one, growing
         # linearly with depth (MoE Jetpack's rule).
-        moe_dpr = torch.linspace(0, moe_drop_path_rate, num_layers).tolist()
+        moe_dpr = [
+            moe_drop_path_rate * i / max(num_layers - 1, 1)
+            for i in range(num_layers)
+        ]
         num_tokens = (self.patch_resolution[0] * self.patch_resolution[1] +
                       self.num_extra_tokens)
         for i in self.moe_layers:

@@ -1,0 +1,32 @@
+# MoE Jetpack's V-JetMoE-T (dual-path SpheroMoE, 98 + 196 experts in
+# blocks 6..11) trained on DTD from recycled weights (ImageNet-21k
+# ViT-T trunk, experts from an ImageNet-21k ViT-S), as in MoE Jetpack's
+# transfer table; `load_from` is written by the recycling tool.
+#
+#   tools/dist_train.sh configs/moejet/vjetmoe-t_4xb128_dtd.py 4
+#
+# Expected: 69.1 % top-1 on the DTD test split (MoE Jetpack's
+# figure; dense ViT-T 49.4, dense from ImageNet-21k 62.5, Soft
+# MoE from scratch 51.3).
+_base_ = [
+    '../_base_/models/moejet-vit-t-dual.py',
+    '../_base_/datasets/moejet_downstream_224.py',
+    '../_base_/schedules/moejet_downstream_100e.py',
+    '../_base_/default_runtime.py',
+]
+
+model = dict(head=dict(num_classes=47, topk=(1, )))
+data_preprocessor = dict(num_classes=47)
+train_dataloader = dict(
+    dataset=dict(
+        type='DTD',
+        data_root='data/dtd',
+        split='trainval'))
+val_dataloader = dict(
+    dataset=dict(
+        type='DTD',
+        data_root='data/dtd',
+        split='test'))
+test_dataloader = val_dataloader
+
+load_from = 'weights/moejet-vit-t-dual_from-vit-s-in21k.pth'
