@@ -312,3 +312,11 @@ def test_registered_and_builds_from_config():
             moe_blocks=[[], [], [0], []],
             moe_cfg=MOE_CFG))
     assert isinstance(model, ConvNeXtMoE)
+
+
+def test_builds_on_meta_device():
+    with torch.device('meta'):
+        model = ConvNeXtMoE(
+            arch=ARCH, moe_blocks=[[], [], [0], []], moe_cfg=MOE_CFG)
+    devices = {param.device.type for param in model.parameters()}
+    assert devices == {'meta'}

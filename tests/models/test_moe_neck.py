@@ -258,3 +258,27 @@ def test_input_errors(inputs, kwargs, pattern):
 def test_registered():
     model = MODELS.build(dict(type='MoENeck', in_channels=32, moe_cfg=MOE_CFG))
     assert isinstance(model, MoENeck)
+
+
+@pytest.mark.parametrize('path, size', [
+    ('configs/moe_neck/resnet50-moeneck_8xb32_in1k.py', 64),
+    ('configs/demo/resnet-moeneck-demo_2xb64_digits.py', 32),
+])
+def test_resnet_neck_configs_build_and_run(path, size):
+    # MMPretrain's ResNet cannot be built on the meta device, so these are
+    # built here for real (tests/test_configs.py builds on meta).
+    import os.path as osp
+
+    from mmengine.config import Config
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    cfg = Config.fromfile(osp.join(root, path))
+    model = MODELS.build(cfg.model).eval()
+    neck_cfg = cfg.model.neck
+    assert isinstance(model.neck, MoENeck)
+    assert len(model.neck.blocks) == neck_cfg.num_blocks
+    with torch.no_grad():
+        feats = model.extract_feat(randn(1, 3, size, size))
+    assert feats[0].shape == (1, neck_cfg.embed_dims)
+    assert [name for name, _ in model.moe_modules] == [
+        f'neck.blocks.{i}.moe' for i in range(neck_cfg.num_blocks)
+    ]

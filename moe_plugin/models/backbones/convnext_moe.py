@@ -2,6 +2,7 @@
 import numbers
 from typing import List, Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
@@ -124,8 +125,9 @@ class ConvNeXtMoE(ConvNeXt):
     names, so a dense ConvNeXt checkpoint loads with only the replaced MLPs
     (``stages.S.J.pointwise_conv{1,2}``, ``grn``) unexpected and the MoE
     parameters missing. ``get_layer_depth`` is MMPretrain's, except that an
-    MoE layer's routing parameters (everything outside its ``experts``) are
-    put at the top depth, the experts staying at their block's depth.
+    MoE layer's routing parameters (those outside its expert modules, whose
+    names contain ``experts``) are put at the top depth, the experts staying
+    at their block's depth.
 
     C-JetMoE-F of `MoE Jetpack <https://arxiv.org/abs/2406.04801>`_ is
     ``arch='tiny'``, ``moe_blocks=[[], [], [3, 4, 5, 6, 7, 8], 'all']`` and
@@ -159,8 +161,15 @@ class ConvNeXtMoE(ConvNeXt):
                  img_size: Union[int, Sequence[int]] = 224,
                  **kwargs):
         frozen_stages = kwargs.pop('frozen_stages', 0)
-        # Freezing waits until the MoE blocks exist.
-        super().__init__(frozen_stages=0, **kwargs)
+        device = torch.get_default_device()
+        # MMPretrain's ConvNeXt reads its drop-path rates with .item(),
+        # which fails under a meta default device (used to count the
+        # parameters of big models): build the dense part on the CPU and
+        # move it. Freezing waits until the MoE blocks exist.
+        with torch.device('cpu'):
+            super().__init__(frozen_stages=0, **kwargs)
+        if device.type == 'meta':
+            self.to(device)
         self.moe_blocks = parse_moe_blocks(moe_blocks, self.depths)
         stage_cfgs = self._stage_moe_cfgs(moe_cfg)
         if isinstance(img_size, numbers.Integral):
@@ -215,8 +224,9 @@ class ConvNeXtMoE(ConvNeXt):
         """Get the layer-wise depth of a parameter.
 
         As MMPretrain's ``ConvNeXt.get_layer_depth``, but an MoE layer's
-        routing parameters (outside its ``experts``) are at the top depth
-        (that of the final norm), so layer decay leaves their lr unscaled.
+        routing parameters (outside modules named ``*experts*``) are at the
+        top depth (that of the final norm and the head), so layer decay
+        leaves their lr unscaled.
 
         Args:
             param_name (str): The name of the parameter.
@@ -229,7 +239,7 @@ class ConvNeXtMoE(ConvNeXt):
         if param_name.startswith(prefix):
             parts = param_name[len(prefix):].split('.')
             if (len(parts) > 4 and parts[0] == 'stages' and parts[3] == 'moe'
-                    and parts[4] != 'experts'):
+                    and 'experts' not in parts[4]):
                 return num_layers - 1, num_layers
         return layer_id, num_layers
 
