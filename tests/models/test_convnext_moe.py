@@ -211,7 +211,7 @@ def test_every_parameter_gets_a_gradient():
 
 def test_frozen_stages_cover_moe_blocks():
     model = moe(moe_blocks=[[0], [0], [], []], frozen_stages=2)
-    model.train()
+    assert model.train() is model
     for name, param in model.named_parameters():
         frozen = name.startswith(('stages.0', 'stages.1',
                                   'downsample_layers.0',

@@ -220,6 +220,15 @@ class ConvNeXtMoE(ConvNeXt):
                                  f'got {cfg!r}')
         return list(moe_cfg)
 
+    def train(self, mode: bool = True) -> 'ConvNeXtMoE':
+        """Set the training mode, keeping frozen stages in eval mode.
+
+        Returns ``self`` as ``nn.Module.train`` does (MMPretrain's
+        ``ConvNeXt.train`` returns None).
+        """
+        super().train(mode)
+        return self
+
     def get_layer_depth(self, param_name: str, prefix: str = ''):
         """Get the layer-wise depth of a parameter.
 
