@@ -68,8 +68,15 @@ def test_config_builds(path):
     assert not any('::' in base for base in cfg.get('_base_', []))
     assert cfg.custom_imports.imports == ['moe_plugin']
 
-    # Model: on the meta device (no memory, no init) for the big ones.
-    with torch.device('meta'):
+    # Model: on the meta device (no memory, no init) for the big ones;
+    # MMPretrain's ResNet reads a tensor value while building, so it is
+    # built for real.
+    try:
+        with torch.device('meta'):
+            model = MODELS.build(cfg.model)
+    except RuntimeError as error:
+        if 'meta' not in str(error):
+            raise
         model = MODELS.build(cfg.model)
     assert cfg.data_preprocessor.num_classes == cfg.model.head.num_classes
     if cfg.model.type == 'MoEImageClassifier':
