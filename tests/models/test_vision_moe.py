@@ -237,7 +237,8 @@ def test_shape_mismatch_names_key_and_shapes():
 
 def test_layer_depth():
     model = tiny_moe(moe_layers=[1])
-    assert model.get_layer_depth('layers.1.ffn.router.weight') == (2, 6)
+    # The router at the top depth, the experts at their block's.
+    assert model.get_layer_depth('layers.1.ffn.router.weight') == (5, 6)
     assert model.get_layer_depth('layers.1.ffn.experts.w2') == (2, 6)
     assert model.get_layer_depth('layers.0.ffn.layers.1.weight') == (1, 6)
     assert model.get_layer_depth('pos_embed') == (0, 6)

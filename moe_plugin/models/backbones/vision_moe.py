@@ -343,19 +343,14 @@ class VisionMoE(VisionTransformer):
                 raise ValueError(f'{key}: checkpoint {ckpt_shape} vs model '
                                  f'{tuple(tensor.shape)}')
 
-    #: Soft-routing parameters of an MoE layer (Soft MoE's slots ``mu`` and
-    #: ``scale``; SpheroMoE's slots ``phi``, temperatures ``scales`` and
-    #: ``slot_norm``), put at the top depth by :meth:`get_layer_depth`.
-    ROUTING_PARAMS = ('mu', 'scale', 'phi', 'scales', 'slot_norm')
-
     def get_layer_depth(self, param_name: str, prefix: str = ''):
         """Layer-wise depth of a parameter, for MMPretrain's layer decay.
 
-        As ``VisionTransformer.get_layer_depth``, except that the soft
-        routing parameters of an MoE block (:attr:`ROUTING_PARAMS`: slots,
-        temperatures, slot norms, scale) sit at the top depth, with the
-        head, while its experts (and a sparse layer's router) stay at their
-        block's depth (MoE Jetpack's rule).
+        As ``VisionTransformer.get_layer_depth``, except that the routing
+        parameters of an MoE block (everything of the layer outside modules
+        named ``*experts*``: router, slots, temperatures, slot norms, scale)
+        sit at the top depth, with the head, while its experts stay at their
+        block's depth (MoE Jetpack's rule; ``ConvNeXtMoE`` does the same).
 
         Args:
             param_name (str): The name of the parameter.
@@ -369,7 +364,7 @@ class VisionMoE(VisionTransformer):
         if (param_name.startswith(prefix) and len(parts) > 3
                 and parts[0] == 'layers' and int(parts[1]) in self.moe_layers
                 and parts[2] == 'ffn'
-                and parts[3] in self.ROUTING_PARAMS):
+                and 'experts' not in parts[3]):
             return num_depths - 1, num_depths
         return layer_depth, num_depths
 
