@@ -131,3 +131,19 @@ def test_bad_config(kwargs, match):
     kwargs.setdefault('num_experts', EXPERTS)
     with pytest.raises(ValueError, match=match):
         SoftMoE(DIM, HIDDEN, **kwargs)
+
+
+def test_expert_dropout_keeps_with_probability_one_minus_p():
+    from moe_plugin.layers.experts import ExpertDropout
+    drop = ExpertDropout(0.4).train()
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    out = drop(x)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(0.6, abs=0.005)
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.6))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, out.detach())
+    x = x.detach()
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(ExpertDropout(0.0).train()(x), x)
