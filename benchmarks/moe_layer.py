@@ -14,9 +14,19 @@ reference (the V-MoE way) at N = 400 (8 images of ViT-S/32, one group) and
 N = 3200 (64 images, 8 groups of 400), E = 8, K = 2, c = 1.05, D = 384,
 H = 1536.
 
+Soft rows (``--soft``): Soft MoE (E = 8 with 6 slots; E = 50 with 1 slot)
+and SpheroMoE (25 core + 50 universal experts) on ViT-S/32 tokens
+(50 per image, D = 384, H = 1536) at batch 8 and 64, against the dense MLP
+on as many rows as the slots the experts process (universal slots counted
+at their quarter width), and MoE Jetpack's layer layout (D = 192, 197
+tokens, 98 core + 196 universal experts of 1 slot, slot LayerNorm,
+entmax-1.5, noise, expert dropout 0.4) at batch 8 and 32 against the dense
+MLP ``192 -> 768 -> 192`` on the same tokens (spec 05: goal <= 1.6x at
+batch 32; FLOPs 1.32x).
+
 Usage::
 
-    python benchmarks/moe_layer.py [--threads 2] [--repeats 7] \
+    python benchmarks/moe_layer.py [--threads 2] [--repeats 7] [--soft] \
         [--json out.json]
 """
 import argparse
@@ -31,8 +41,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_plugin.layers import (SparseMoE, compute_capacity,  # noqa: E402
-                               einsum_top_k_combine, einsum_top_k_forward)
+from moe_plugin.layers import (SoftMoE, SparseMoE, SpheroMoE,  # noqa: E402
+                               compute_capacity, einsum_top_k_combine,
+                               einsum_top_k_forward)
 
 DIM, HIDDEN, EXPERTS, TOP_K, FACTOR = 384, 1536, 8, 2, 1.05
 TOKENS_PER_IMAGE = 50  # ViT-S/32 at 224 px: 49 patches + class token
@@ -59,10 +70,10 @@ class EinsumMoE(nn.Module):
                                     layer.experts).view_as(x)
 
 
-def dense_mlp():
+def dense_mlp(dims=DIM, hidden=HIDDEN, approximate='tanh'):
     return nn.Sequential(
-        nn.Linear(DIM, HIDDEN), nn.GELU(approximate='tanh'),
-        nn.Linear(HIDDEN, DIM))
+        nn.Linear(dims, hidden), nn.GELU(approximate=approximate),
+        nn.Linear(hidden, dims))
 
 
 def fwd_bwd_step(module, x):
@@ -151,18 +162,80 @@ def run(threads, repeats, device):
     return rows
 
 
+def soft_rows(threads, repeats, device):
+    """Soft MoE and SpheroMoE against the dense MLP of the same work."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rows = []
+    vits32 = [
+        ('softmoe-8e-6slots', dict(type=SoftMoE, num_experts=8,
+                                   slots_per_expert=6), 48),
+        ('softmoe-50e-1slot', dict(type=SoftMoE, num_experts=50,
+                                   slots_per_expert=1), 50),
+        ('spheromoe-25+50', dict(type=SpheroMoE, num_experts=25,
+                                 num_universal_experts=50), 25 + 50 / 4),
+    ]
+    cases = [(name, cfg, DIM, HIDDEN, TOKENS_PER_IMAGE, batch, rows_per_image,
+              'slots') for batch in (8, 64)
+             for name, cfg, rows_per_image in vits32]
+    moejet = dict(type=SpheroMoE, num_experts=98, num_universal_experts=196,
+                  combine='entmax15', expert_drop=0.4)
+    cases += [('moejet-98+196', moejet, 192, 768, 197, batch, 197, 'tokens')
+              for batch in (8, 32)]
+    for name, cfg, dims, hidden, tokens, batch, dense_rows, ref in cases:
+        cfg = dict(cfg)
+        layer_cls = cfg.pop('type')
+        layer = layer_cls(dims, hidden, **cfg).to(device).train()
+        x = torch.randn(batch, tokens, dims, device=device,
+                        requires_grad=True)
+        rows_in = int(round(batch * dense_rows))
+        dense_x = torch.randn(rows_in, dims, device=device,
+                              requires_grad=True)
+        approximate = 'none' if layer_cls is SpheroMoE else 'tanh'
+        steps = [
+            fwd_bwd_step(dense_mlp(dims, hidden, approximate).to(device),
+                         dense_x),
+            fwd_bwd_step(layer, x)
+        ]
+        medians, ratios = time_round_robin(steps, repeats)
+        rows.append(
+            dict(
+                layer=name,
+                tokens=batch * tokens,
+                batch=batch,
+                dims=dims,
+                hidden=hidden,
+                dense_reference=f'MLP on {rows_in} rows ({ref})',
+                moe_ms=round(medians[1], 3),
+                dense_equivalent_ms=round(medians[0], 3),
+                ratio=round(ratios[1], 3),
+                threads=threads,
+                device=device,
+                repeats=repeats))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--device', default='cpu')
+    parser.add_argument(
+        '--soft',
+        action='store_true',
+        help='time Soft MoE and SpheroMoE instead of the sparse layer')
     parser.add_argument('--json', help='write the rows to this JSON file')
     args = parser.parse_args()
     if args.repeats < 5:
         parser.error('--repeats must be >= 5')
-    rows = run(args.threads, args.repeats, args.device)
-    header = ('layer', 'tokens', 'moe_ms', 'dense_equivalent_ms', 'ratio',
-              'same_flop_ms', 'ratio_same_flop')
+    if args.soft:
+        rows = soft_rows(args.threads, args.repeats, args.device)
+        header = ('layer', 'batch', 'tokens', 'moe_ms',
+                  'dense_equivalent_ms', 'ratio', 'dense_reference')
+    else:
+        rows = run(args.threads, args.repeats, args.device)
+        header = ('layer', 'tokens', 'moe_ms', 'dense_equivalent_ms',
+                  'ratio', 'same_flop_ms', 'ratio_same_flop')
     print(f'torch {torch.__version__}, {args.threads} threads, '
           f'{platform.processor() or platform.machine()}, {args.device}')
     print(' | '.join(f'{h:>19}' for h in header))
