@@ -7,8 +7,9 @@
 #   tools/dist_train.sh configs/demo/spheromoe-demo_2xb64_digits.py 2
 #
 # 2 processes x 64 images, 32x32 px, patch 4 (64 tokens + class token),
-# 4 blocks of 64 dims. Expected: >= 95 % val top-1 after 30 epochs, as the
-# V-MoE demo (a CPU smoke test of the recipe; no paper figure).
+# 4 blocks of 64 dims. Expected: >= 95 % val top-1 after 30 epochs (a CPU
+# smoke test of the recipe; no paper figure); measured 98.05 % in 82 s on
+# 2 CPU cores.
 _base_ = ['./vmoe-demo_2xb64_digits.py']
 
 model = dict(
