@@ -43,8 +43,9 @@ setup(
     extras_require={
         'lite': ['mmcv-lite>=2.0.0rc4,<2.4'],
         'entmax': ['entmax>=1.1'],
+        'graph': ['networkx', 'scikit-learn', 'pymetis'],
         'dev': ['pytest', 'flake8', 'isort', 'yapf', 'scikit-learn',
-                'entmax>=1.1'],
+                'entmax>=1.1', 'networkx'],
     },
     zip_safe=False,
 )

@@ -2,6 +2,6 @@
 
 Importing the package registers every model into MMPretrain's registries.
 """
-from . import datasets, engine, layers, models  # noqa: F401
+from . import datasets, engine, layers, models, recycling  # noqa: F401
 
 __version__ = '0.1.0'

@@ -368,6 +368,29 @@ class VisionMoE(VisionTransformer):
             return num_depths - 1, num_depths
         return layer_depth, num_depths
 
+    #: ``init_cfg`` types applied after every other initialisation (they
+    #: load weights: children's and the position embedding's own init
+    #: would otherwise overwrite them).
+    LOADING_INITS = ('RecycleDenseInit', )
+
+    def init_weights(self):
+        """MMPretrain's initialisation, then any ``RecycleDenseInit`` of
+        ``init_cfg`` (see :mod:`moe_plugin.recycling.initializer`)."""
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else (
+            [self.init_cfg] if self.init_cfg else [])
+        loading = [c for c in cfgs if c.get('type') in self.LOADING_INITS]
+        if not loading:
+            return super().init_weights()
+        others = [c for c in cfgs if c.get('type') not in self.LOADING_INITS]
+        self.init_cfg = others or None
+        try:
+            super().init_weights()
+        finally:
+            self.init_cfg = cfgs
+        from mmengine.registry import WEIGHT_INITIALIZERS
+        for cfg in loading:
+            WEIGHT_INITIALIZERS.build(cfg)(self)
+
     def _freeze_stages(self) -> None:
         super()._freeze_stages()
         if self.frozen_stages == len(self.layers) and self.out_type == 'map':

@@ -1,0 +1,231 @@
+"""Dense ViT weights into an MoE model's state dict (pure functions).
+
+:func:`recycle_backbone` fills a ``VisionMoE``: every dense tensor is
+copied (the position embedding resized to the target's grid), each MoE
+block's experts are built from that block's dense MLP with a method of
+:mod:`.methods`, and routing parameters (router, slots, temperatures, slot
+norms) keep the target's fresh initialisation. :func:`recycle` does the
+same for a whole classifier and copies the head when the class count fits.
+"""
+import json
+import os
+import os.path as osp
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .formats import DenseViT
+from .methods import build_experts, select_indices
+
+#: Expert groups of each MoE layer type: attribute -> report name.
+EXPERT_GROUPS = (('experts', 'experts'), ('core_experts', 'core'),
+                 ('univ_experts', 'universal'))
+
+
+def _resize_pos_embed(pos_embed: Tensor, target: Tensor,
+                      num_extra_tokens: int) -> Tensor:
+    """Bicubic resize of ``[1, extra + h*w, D]`` to the target's grid."""
+    from mmpretrain.models.utils import resize_pos_embed
+    src = int(round((pos_embed.shape[1] - num_extra_tokens)**0.5))
+    dst = int(round((target.shape[1] - num_extra_tokens)**0.5))
+    return resize_pos_embed(pos_embed, (src, src), (dst, dst), 'bicubic',
+                            num_extra_tokens)
+
+
+def check_compatible(dense: DenseViT, backbone: nn.Module) -> None:
+    """Depth, width, heads and patch size of the dense model must be the
+    target's; raise ``ValueError`` naming the mismatch."""
+    target_depth = len(backbone.layers)
+    if dense.num_layers != target_depth:
+        raise ValueError(f'dense checkpoint has {dense.num_layers} blocks, '
+                         f'the target model {target_depth} (depth mismatch)')
+    key = 'patch_embed.projection.weight'
+    ours = tuple(backbone.state_dict()[key].shape)
+    theirs = tuple(dense.state[key].shape)
+    if ours != theirs:
+        what = ('width' if ours[0] != theirs[0] else 'patch size'
+                if ours[2:] != theirs[2:] else 'input channels')
+        raise ValueError(f'{key}: checkpoint {theirs} vs model {ours} '
+                         f'({what} mismatch)')
+    heads = backbone.layers[0].attn.num_heads
+    if dense.num_heads is not None and dense.num_heads != heads:
+        raise ValueError(f'dense checkpoint has {dense.num_heads} attention '
+                         f'heads, the target model {heads}')
+
+
+def recycle_backbone(dense: DenseViT,
+                     backbone: nn.Module,
+                     method: str = 'upcycle',
+                     stats: Optional[Dict[int, dict]] = None,
+                     noise: float = 0.0,
+                     seed: int = 0,
+                     importance: str = 'l2',
+                     selection: str = 'sample',
+                     graph: str = 'louvain') -> Tuple[dict, dict]:
+    """Build a ``VisionMoE`` state dict from a dense ViT.
+
+    Args:
+        dense (DenseViT): the canonical dense checkpoint.
+        backbone (nn.Module): the target ``VisionMoE`` (its own tensors are
+            the fresh values of the routing parameters).
+        method (str): 'upcycle', 'random', 'uniform', 'importance' or
+            'graph'. Defaults to 'upcycle'.
+        stats (dict, optional): block -> calibration statistics, for
+            'importance' and 'graph'. Defaults to None.
+        noise (float): std of Gaussian noise added to upcycled expert
+            kernels (breaks their symmetry). Defaults to 0.
+        seed (int): seed of the sampling and the noise. Defaults to 0.
+        importance (str): 'l1', 'l2' or 'freq'. Defaults to 'l2'.
+        selection (str): importance 'sample' or 'top'. Defaults to 'sample'.
+        graph (str): 'louvain', 'spectral' or 'metis'. Defaults to
+            'louvain'.
+
+    Returns:
+        tuple: the state dict (every key of ``backbone``) and a report:
+        ``copied``, ``sampled``, ``fresh``, ``unused`` key lists and
+        ``experts`` (per MoE block and group, each expert's neuron indices).
+    """
+    check_compatible(dense, backbone)
+    if noise < 0:
+        raise ValueError(f'noise must be >= 0, got {noise}')
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    target = backbone.state_dict()
+    moe_blocks = tuple(getattr(backbone, 'moe_layers', ()))
+    state, report = {}, dict(copied=[], sampled=[], fresh=[], experts={})
+    used = set()
+    for i in moe_blocks:
+        layer = backbone.layers[i].ffn
+        prefix = f'layers.{i}.ffn.'
+        fc1_w, fc1_b, fc2_w, fc2_b = dense.fc(i)
+        used.update(f'layers.{i}.ffn.layers.{n}' for n in (
+            '0.0.weight', '0.0.bias', '1.weight', '1.bias'))
+        block_report = {}
+        for attr, name in EXPERT_GROUPS:
+            experts = getattr(layer, attr, None)
+            if experts is None:
+                continue
+            count, _, width = experts.w1.shape
+            indices = select_indices(
+                method, fc1_w.shape[0], width, count, rng,
+                None if stats is None else stats.get(i), importance,
+                selection, graph, seed)
+            tensors = build_experts(fc1_w, fc1_b, fc2_w, fc2_b, indices)
+            for tensor_name, value in zip(('w1', 'b1', 'w2', 'b2'), tensors):
+                key = f'{prefix}{attr}.{tensor_name}'
+                if noise > 0 and tensor_name in ('w1', 'w2'):
+                    value = value + noise * torch.randn(
+                        value.shape, generator=generator, dtype=value.dtype)
+                state[key] = value.to(target[key].dtype)
+                report['sampled'].append(key)
+            block_report[name] = indices.tolist()
+        report['experts'][f'layers.{i}'] = block_report
+    num_extra = getattr(backbone, 'num_extra_tokens', 1)
+    for key, value in target.items():
+        if key in state:
+            continue
+        if key in dense.state and not any(
+                key.startswith(f'layers.{i}.ffn.') for i in moe_blocks):
+            source = dense.state[key]
+            if key == 'pos_embed' and source.shape != value.shape:
+                source = _resize_pos_embed(source, value, num_extra)
+            if tuple(source.shape) != tuple(value.shape):
+                raise ValueError(f'{key}: checkpoint {tuple(source.shape)} '
+                                 f'vs model {tuple(value.shape)}')
+            state[key] = source.to(value.dtype)
+            report['copied'].append(key)
+            used.add(key)
+        else:
+            state[key] = value.clone()
+            report['fresh'].append(key)
+    report['unused'] = sorted(set(dense.state) - used)
+    return state, report
+
+
+def find_head_keys(model: nn.Module) -> Optional[Tuple[str, str]]:
+    """The classifier ``(weight, bias)`` keys of an MMPretrain head."""
+    keys = model.state_dict()
+    for name in ('head.fc', 'head.layers.head'):
+        if f'{name}.weight' in keys:
+            return f'{name}.weight', f'{name}.bias'
+    return None
+
+
+def recycle(dense: DenseViT, model: nn.Module, **kwargs) -> Tuple[dict, dict]:
+    """:func:`recycle_backbone` for a classifier (``backbone.`` keys) plus
+    the head: copied when its shape fits, else left fresh (reported).
+
+    Returns:
+        tuple: the classifier's full state dict and the report.
+    """
+    backbone_state, report = recycle_backbone(dense, model.backbone, **kwargs)
+    state = {f'backbone.{k}': v for k, v in backbone_state.items()}
+    for name in ('copied', 'sampled', 'fresh'):
+        report[name] = [f'backbone.{k}' for k in report[name]]
+    head_keys = find_head_keys(model)
+    for key, value in model.state_dict().items():
+        if key in state:
+            continue
+        source = None
+        if head_keys is not None and key in head_keys and dense.head:
+            source = dense.head['weight' if key == head_keys[0] else 'bias']
+        if source is not None and tuple(source.shape) == tuple(value.shape):
+            state[key] = source.to(value.dtype)
+            report['copied'].append(key)
+        else:
+            state[key] = value.clone()
+            report['fresh'].append(key)
+    if dense.head and head_keys and head_keys[0] in report['fresh']:
+        report['head_note'] = (
+            f'head left fresh: checkpoint '
+            f"{tuple(dense.head['weight'].shape)} vs model "
+            f'{tuple(model.state_dict()[head_keys[0]].shape)}')
+    return state, report
+
+
+def save_recycled(state: Dict[str, Tensor],
+                  report: dict,
+                  out: str,
+                  force: bool = False,
+                  safetensors: bool = False) -> Tuple[str, str]:
+    """Write the weights (``{'state_dict': ...}`` or ``.safetensors``) and
+    the JSON report beside them, each to a temporary name then renamed; an
+    existing output is kept unless ``force``.
+
+    Returns:
+        tuple: the weights path and the report path.
+    """
+    if safetensors and not out.endswith('.safetensors'):
+        out = osp.splitext(out)[0] + '.safetensors'
+    report_path = osp.splitext(out)[0] + '.json'
+    for path in (out, report_path):
+        if osp.exists(path) and not force:
+            raise FileExistsError(
+                f'{path} exists; pass --force to overwrite it')
+    folder = osp.dirname(osp.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix='.part')
+        os.close(fd)
+        written.append(tmp)
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        if safetensors:
+            from safetensors.torch import save_file
+            save_file(tensors, tmp)
+        else:
+            torch.save({'state_dict': tensors}, tmp)
+        fd, tmp_report = tempfile.mkstemp(dir=folder, suffix='.part')
+        written.append(tmp_report)
+        with os.fdopen(fd, 'w') as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, out)
+        os.replace(tmp_report, report_path)
+    finally:
+        for path in written:
+            if osp.exists(path):
+                os.remove(path)
+    return out, report_path

@@ -1,0 +1,192 @@
+"""Recycle a dense ViT checkpoint into an MoE model's initial weights.
+
+Examples:
+    python tools/gen_weight/gen_vit_moe_weight.py \\
+        configs/vmoe/vmoe-s32-last2_8xb1024_in1k.py --dense vit_s32.pth \\
+        --method upcycle --out weights/vmoe-s32_upcycled.pth
+    python tools/gen_weight/gen_vit_moe_weight.py CONFIG --dense vit.npz \\
+        --method importance --calib-data data/imagenet/train \\
+        --num-calib-images 512
+
+The output loads strictly into the config's model (`load_from`); a JSON
+report beside it lists the keys copied, sampled and left fresh, the source
+file's sha256 and format, the method, the seed, each expert's hidden-neuron
+indices and the timings.
+"""
+import argparse
+import os.path as osp
+import sys
+import time
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+METHOD_HELP = """methods:
+  upcycle     every expert a copy of the block's dense MLP (Sparse Upcycling)
+  random      each expert an independent random subset of the hidden neurons
+  uniform     evenly spaced hidden neurons, the same for every expert
+  importance  neurons drawn in proportion to their activation on calibration
+              images (--importance l1|l2|freq; --importance-select sample|top)
+  graph       co-activation graph of the neurons on calibration images, cut
+              into one group per expert (--graph louvain|spectral|metis),
+              filled to the expert width by importance
+"""
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(
+        description='Recycle a dense ViT checkpoint into MoE weights',
+        epilog=METHOD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('config', help='config whose model is the MoE target')
+    parser.add_argument(
+        '--dense', required=True,
+        help='dense checkpoint: timm .pth/.safetensors, big_vision .npz or '
+        'MMPretrain .pth')
+    parser.add_argument(
+        '--dense-format', choices=['timm', 'big_vision', 'mmpretrain'],
+        help='force the format (detected from the file by default)')
+    parser.add_argument(
+        '--method', default='upcycle',
+        choices=['upcycle', 'random', 'uniform', 'importance', 'graph'],
+        help='how experts are made from the dense MLPs (see below)')
+    parser.add_argument('--out', help='output file (default: weights/'
+                        '<config name>_<method>.pth)')
+    parser.add_argument(
+        '--calib-data',
+        help='calibration images: an image folder root/<class>/<image> or '
+        'an MMPretrain config (its training set, read with its test '
+        'pipeline)')
+    parser.add_argument('--num-calib-images', type=int, default=256)
+    parser.add_argument(
+        '--calib-classes', type=int,
+        help='the calibration data must cover this many classes')
+    parser.add_argument('--importance', default='l2',
+                        choices=['l1', 'l2', 'freq'])
+    parser.add_argument('--importance-select', default='sample',
+                        choices=['sample', 'top'])
+    parser.add_argument('--graph', default='louvain',
+                        choices=['louvain', 'spectral', 'metis'])
+    parser.add_argument('--noise', type=float, default=0.0,
+                        help='std of noise added to the expert kernels')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--batch-size', type=int, default=32,
+                        help='calibration batch size')
+    parser.add_argument('--device', default='cpu',
+                        help='device for calibration (cpu, cuda)')
+    parser.add_argument('--safetensors', action='store_true',
+                        help='write .safetensors instead of .pth')
+    parser.add_argument('--force', action='store_true',
+                        help='overwrite an existing output')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of the config')
+    return parser.parse_args(argv)
+
+
+def calibration_batches(args, cfg, backbone):
+    """``(batches, count)`` of normalised calibration images."""
+    from moe_plugin.recycling import calibration
+    if args.calib_data is None:
+        raise ValueError(f'--method {args.method} needs --calib-data (an '
+                         'image folder or a dataset config)')
+    if args.calib_data.endswith('.py'):
+        return calibration.dataset_config_batches(
+            args.calib_data, args.num_calib_images, args.seed,
+            args.calib_classes, args.batch_size)
+    samples = calibration.image_folder_samples(args.calib_data)
+    indices = calibration.balanced_choice([s[1] for s in samples],
+                                          args.num_calib_images, args.seed,
+                                          args.calib_classes)
+    preprocessor = cfg.get('data_preprocessor', {})
+    mean = preprocessor.get('mean', [123.675, 116.28, 103.53])
+    std = preprocessor.get('std', [58.395, 57.12, 57.375])
+    return calibration.folder_batches(samples, indices,
+                                      backbone.img_size[0], mean, std,
+                                      args.batch_size), len(indices)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+
+    import moe_plugin  # noqa: F401
+    from moe_plugin import recycling
+    from moe_plugin.recycling.recycle import check_compatible
+
+    start = time.perf_counter()
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    out = args.out or osp.join(
+        'weights',
+        f'{osp.splitext(osp.basename(args.config))[0]}_{args.method}.pth')
+    if osp.exists(out) and not args.force:
+        raise FileExistsError(f'{out} exists; pass --force to overwrite it')
+    model_cfg = cfg.model.copy()
+    model_cfg.pop('init_cfg', None)
+    model = MODELS.build(model_cfg)
+    model.init_weights()
+    backbone = model.backbone
+    if not hasattr(backbone, 'moe_layers'):
+        raise ValueError(f'the model of {args.config} has a '
+                         f'{type(backbone).__name__} backbone; the target '
+                         'must be a VisionMoE')
+    dense = recycling.load_dense_vit(args.dense, args.dense_format)
+    check_compatible(dense, backbone)
+    loaded = time.perf_counter()
+
+    stats = None
+    calib_seconds = 0.0
+    if args.method in recycling.CALIBRATED:
+        dense_model = recycling.build_dense_vit(dense, backbone).to(
+            args.device)
+        batches, count = calibration_batches(args, cfg, backbone)
+        calib_start = time.perf_counter()
+        stats = recycling.calibrate(
+            dense_model, (b.to(args.device) for b in batches),
+            backbone.moe_layers, coactivation=args.method == 'graph',
+            total=count)
+        calib_seconds = time.perf_counter() - calib_start
+    state, report = recycling.recycle(
+        dense, model, method=args.method, stats=stats, noise=args.noise,
+        seed=args.seed, importance=args.importance,
+        selection=args.importance_select, graph=args.graph)
+    model.load_state_dict(state, strict=True)  # fits the target exactly
+    report.update(
+        source=osp.abspath(args.dense),
+        sha256=recycling.sha256(args.dense),
+        format=dense.fmt,
+        config=osp.abspath(args.config),
+        method=args.method,
+        seed=args.seed,
+        noise=args.noise,
+        importance=args.importance if args.method in
+        recycling.CALIBRATED else None,
+        graph=args.graph if args.method == 'graph' else None,
+        num_calib_images=args.num_calib_images if stats else 0,
+        torch=torch.__version__,
+        seconds=dict(
+            load=round(loaded - start, 3),
+            calibration=round(calib_seconds, 3),
+            total=round(time.perf_counter() - start, 3)))
+    weights, report_path = recycling.save_recycled(
+        state, report, out, args.force, args.safetensors)
+    print(f'source:  {args.dense} ({dense.fmt}, {dense.num_layers} blocks, '
+          f'width {dense.embed_dims})\n'
+          f'target:  {args.config} (MoE blocks {list(backbone.moe_layers)})\n'
+          f'method:  {args.method}\n'
+          f"keys:    {len(report['copied'])} copied, "
+          f"{len(report['sampled'])} sampled, {len(report['fresh'])} fresh "
+          f"({', '.join(report['fresh'][:6])}"
+          f"{', ...' if len(report['fresh']) > 6 else ''})\n"
+          f"time:    {report['seconds']['total']} s "
+          f'(calibration {calib_seconds:.1f} s)\n'
+          f'weights: {weights}\nreport:  {report_path}')
+
+
+if __name__ == '__main__':
+    main()
