@@ -1,4 +1,5 @@
-# make demo: train the CPU demo (tiny V-MoE on scikit-learn's digits, 2 procs)
+# make demo: the recycling demo on scikit-learn's digits (2 CPU procs): a
+#   dense ViT pretrained on classes 0-4, recycled into MoEs, fine-tuned on 5-9
 # make test: lint + the test suite
 # Both create .venv in the checkout if it is missing and install what is
 # needed once (the stamp file makes a second run fast).
@@ -9,7 +10,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moe_plugin-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 MMCV_LITE := mmcv-lite>=2.0.0rc4,<2.4
-DEMO_CONFIG := configs/demo/vmoe-demo_2xb64_digits.py
 LINT_DIRS := $(wildcard moe_plugin tools tests benchmarks)
 
 .PHONY: all install demo test lint
@@ -31,9 +31,8 @@ $(STAMP): $(PY) setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/prepare_digits.py
 	PATH="$(abspath $(VENV))/bin:$$PATH" \
-		tools/dist_train.sh $(DEMO_CONFIG) 2
+		$(PY) tools/demo/recycling_demo.py --gpus 2
 
 lint: $(STAMP)
 	$(PY) -m flake8 $(LINT_DIRS) configs setup.py

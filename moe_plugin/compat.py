@@ -202,3 +202,12 @@ def setup_cpu_distributed(cfg) -> bool:
                 wrapper_type, DistributedDataParallel):
             wrapper_cfg['device_ids'] = None
     return True
+
+
+def teardown_distributed() -> None:
+    """Wait for every rank, then destroy the process group, so that no
+    rank exits while gloo's threads still serve another (which aborts it
+    with "terminate called without an active exception")."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()

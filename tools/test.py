@@ -192,7 +192,8 @@ def main(argv=None):
     # Registers moe_plugin's models, also for configs without
     # `custom_imports`.
     import moe_plugin  # noqa: F401
-    from moe_plugin.compat import allow_run_checkpoints, setup_cpu_distributed
+    from moe_plugin.compat import (allow_run_checkpoints,
+                                   setup_cpu_distributed, teardown_distributed)
 
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
@@ -213,6 +214,7 @@ def main(argv=None):
 
     if args.out and args.out_item == 'metrics':
         mmengine.dump(metrics, args.out)
+    teardown_distributed()
     return metrics
 
 

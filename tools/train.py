@@ -167,7 +167,8 @@ def main(argv=None):
     # Registers moe_plugin's models, also for configs without
     # `custom_imports`.
     import moe_plugin  # noqa: F401
-    from moe_plugin.compat import allow_run_checkpoints, setup_cpu_distributed
+    from moe_plugin.compat import (allow_run_checkpoints,
+                                   setup_cpu_distributed, teardown_distributed)
 
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
@@ -181,6 +182,7 @@ def main(argv=None):
 
     runner.train()
     report(runner)
+    teardown_distributed()
 
 
 if __name__ == '__main__':

@@ -154,9 +154,20 @@ def find_head_keys(model: nn.Module) -> Optional[Tuple[str, str]]:
     return None
 
 
-def recycle(dense: DenseViT, model: nn.Module, **kwargs) -> Tuple[dict, dict]:
+def recycle(dense: DenseViT,
+            model: nn.Module,
+            fresh_head: bool = False,
+            **kwargs) -> Tuple[dict, dict]:
     """:func:`recycle_backbone` for a classifier (``backbone.`` keys) plus
-    the head: copied when its shape fits, else left fresh (reported).
+    the head: copied when its shape fits (unless ``fresh_head``), else left
+    fresh (reported).
+
+    Args:
+        dense (DenseViT): the canonical dense checkpoint.
+        model (nn.Module): the target classifier.
+        fresh_head (bool): keep the target's own head initialisation, e.g.
+            for a new task with as many classes. Defaults to False.
+        **kwargs: the options of :func:`recycle_backbone`.
 
     Returns:
         tuple: the classifier's full state dict and the report.
@@ -170,7 +181,8 @@ def recycle(dense: DenseViT, model: nn.Module, **kwargs) -> Tuple[dict, dict]:
         if key in state:
             continue
         source = None
-        if head_keys is not None and key in head_keys and dense.head:
+        if (head_keys is not None and key in head_keys and dense.head
+                and not fresh_head):
             source = dense.head['weight' if key == head_keys[0] else 'bias']
         if source is not None and tuple(source.shape) == tuple(value.shape):
             state[key] = source.to(value.dtype)
@@ -178,7 +190,8 @@ def recycle(dense: DenseViT, model: nn.Module, **kwargs) -> Tuple[dict, dict]:
         else:
             state[key] = value.clone()
             report['fresh'].append(key)
-    if dense.head and head_keys and head_keys[0] in report['fresh']:
+    if (dense.head and head_keys and head_keys[0] in report['fresh']
+            and not fresh_head):
         report['head_note'] = (
             f'head left fresh: checkpoint '
             f"{tuple(dense.head['weight'].shape)} vs model "

@@ -71,6 +71,10 @@ def parse_args(argv=None):
                         choices=['louvain', 'spectral', 'metis'])
     parser.add_argument('--noise', type=float, default=0.0,
                         help='std of noise added to the expert kernels')
+    parser.add_argument(
+        '--fresh-head', action='store_true',
+        help="keep the target's own head initialisation (a new task), even "
+        "when the dense head's shape fits")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--batch-size', type=int, default=32,
                         help='calibration batch size')
@@ -152,7 +156,8 @@ def main(argv=None):
             total=count)
         calib_seconds = time.perf_counter() - calib_start
     state, report = recycling.recycle(
-        dense, model, method=args.method, stats=stats, noise=args.noise,
+        dense, model, fresh_head=args.fresh_head, method=args.method,
+        stats=stats, noise=args.noise,
         seed=args.seed, importance=args.importance,
         selection=args.importance_select, graph=args.graph)
     model.load_state_dict(state, strict=True)  # fits the target exactly
