@@ -282,3 +282,57 @@ def test_resnet_neck_configs_build_and_run(path, size):
     assert [name for name, _ in model.moe_modules] == [
         f'neck.blocks.{i}.moe' for i in range(neck_cfg.num_blocks)
     ]
+
+
+def test_soft_layer_interface_in_neck_and_convnext():
+    # A stand-in with the agreed Soft MoE interface: slots mix all tokens of
+    # an image, `num_tokens` sets the slot count, metrics have no losses.
+    @MODELS.register_module(force=True)
+    class TinySoftMoE(torch.nn.Module):
+
+        def __init__(self, embed_dims, feedforward_channels, num_tokens=None):
+            super().__init__()
+            self.slots = torch.nn.Parameter(
+                torch.randn(num_tokens, embed_dims))
+            self.fc = torch.nn.Linear(embed_dims, embed_dims)
+            self.moe_metrics = {}
+
+        def forward(self, x):
+            logits = torch.einsum('bnd,sd->bns', x, self.slots)
+            slots = torch.einsum('bns,bnd->bsd', logits.softmax(dim=1), x)
+            out = torch.einsum('bns,bsd->bnd', logits.softmax(dim=2),
+                               self.fc(slots))
+            self.moe_metrics = dict(expert_load=logits.softmax(2).mean((0, 1)))
+            return out
+
+    try:
+        model = MODELS.build(
+            dict(
+                type='MoEImageClassifier',
+                backbone=dict(
+                    type='ConvNeXtMoE',
+                    arch=dict(depths=[1, 1, 1, 1], channels=[8, 8, 16, 16]),
+                    img_size=32,
+                    gap_before_final_norm=False,
+                    moe_blocks=[[], [], [0], []],
+                    moe_cfg=dict(type='TinySoftMoE')),
+                neck=dict(
+                    type='MoENeck',
+                    in_channels=16,
+                    num_tokens=1,
+                    moe_cfg=dict(type='TinySoftMoE')),
+                head=dict(
+                    type='LinearClsHead', num_classes=3, in_channels=16)))
+    finally:
+        MODELS.module_dict.pop('TinySoftMoE')
+    # 32 px: stage 2 is 2x2, stage 3 (the neck's input) 1x1.
+    assert model.backbone.stages[2][0].moe.slots.shape == (4, 16)
+    assert model.neck.blocks[0].moe.slots.shape == (1, 16)
+    model.train()
+    samples = [DataSample().set_gt_label(i % 3) for i in range(2)]
+    losses = model.loss(randn(2, 3, 32, 32), samples)
+    assert losses['loss_moe_aux'] == 0
+    assert len(model.moe_modules) == 2
+    (losses['loss_cls'] + losses['loss_moe_aux']).backward()
+    assert model.neck.blocks[0].moe.slots.grad is not None
+    assert model.backbone.stages[2][0].moe.slots.grad.abs().sum() > 0
