@@ -481,3 +481,18 @@ data_preprocessor = dict(mean=[127.5] * 3, std=[127.5] * 3, to_rgb=True)
     assert count == 6 and shapes == [(4, 3, 32, 32), (2, 3, 32, 32)]
     with pytest.raises(ValueError, match='fewer than the 4 asked for'):
         dataset_config_batches(str(config), 6, seed=0, num_classes=4)
+
+
+def test_louvain_on_a_large_graph_keeps_the_planted_groups():
+    pytest.importorskip('networkx')
+    from moe_plugin.recycling.methods import NEIGHBOURS
+    rng = np.random.default_rng(1)
+    hidden, parts = 4 * NEIGHBOURS * 2, 4
+    groups = rng.permutation(hidden).reshape(parts, -1)
+    coactivation = rng.uniform(0, 0.05, (hidden, hidden))
+    coactivation = (coactivation + coactivation.T) / 2
+    for group in groups:
+        coactivation[np.ix_(group, group)] += 1.0
+    labels = partition_graph(coactivation, parts, 'louvain', seed=0)
+    found = {frozenset(np.flatnonzero(labels == k)) for k in range(parts)}
+    assert found == {frozenset(g) for g in groups}

@@ -24,6 +24,7 @@ import json
 import os
 import os.path as osp
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -50,12 +51,21 @@ def split_digits(source: str, data_root: str) -> None:
         os.replace(tmp, target)
 
 
+def free_port() -> int:
+    """A free local TCP port for torchrun (29500 may be taken)."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def run(command, log):
     """Run a step from the repository root, its output to ``log``."""
     print('$', ' '.join(command), flush=True)
     start = time.perf_counter()
+    env = dict(os.environ)
+    env.setdefault('PORT', str(free_port()))
     with open(log, 'w') as f:
-        proc = subprocess.run(command, cwd=REPO_ROOT, stdout=f,
+        proc = subprocess.run(command, cwd=REPO_ROOT, stdout=f, env=env,
                               stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         with open(log) as f:
