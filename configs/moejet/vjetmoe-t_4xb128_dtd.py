@@ -1,7 +1,8 @@
 # MoE Jetpack's V-JetMoE-T (dual-path SpheroMoE, 98 + 196 experts in
 # blocks 6..11) trained on DTD from recycled weights (ImageNet-21k
-# ViT-T trunk, experts from an ImageNet-21k ViT-S), as in MoE Jetpack's
-# transfer table; `load_from` is written by the recycling tool.
+# ViT-T trunk, experts from an ImageNet-21k ViT-S in MoE Jetpack's transfer
+# table; `load_from` is written by the recycling tool, see the ImageNet
+# config vjetmoe-t_4xb256_in1k.py for how and its limits).
 #
 #   tools/dist_train.sh configs/moejet/vjetmoe-t_4xb128_dtd.py 4
 #
@@ -29,4 +30,4 @@ val_dataloader = dict(
         split='test'))
 test_dataloader = val_dataloader
 
-load_from = 'weights/moejet-vit-t-dual_from-vit-s-in21k.pth'
+load_from = 'weights/vjetmoe-t_recycled.pth'

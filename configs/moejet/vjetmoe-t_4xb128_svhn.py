@@ -1,7 +1,8 @@
 # MoE Jetpack's V-JetMoE-T (dual-path SpheroMoE, 98 + 196 experts in
 # blocks 6..11) trained on SVHN from recycled weights (ImageNet-21k
-# ViT-T trunk, experts from an ImageNet-21k ViT-S), as in MoE Jetpack's
-# transfer table; `load_from` is written by the recycling tool.
+# ViT-T trunk, experts from an ImageNet-21k ViT-S in MoE Jetpack's transfer
+# table; `load_from` is written by the recycling tool, see the ImageNet
+# config vjetmoe-t_4xb256_in1k.py for how and its limits).
 # SVHN has no MMPretrain dataset class: export it as an image folder,
 # data/svhn/{train,test}/<class>/<image>.png (CustomDataset).
 #
@@ -30,4 +31,4 @@ val_dataloader = dict(
         data_prefix='test'))
 test_dataloader = val_dataloader
 
-load_from = 'weights/moejet-vit-t-dual_from-vit-s-in21k.pth'
+load_from = 'weights/vjetmoe-t_recycled.pth'

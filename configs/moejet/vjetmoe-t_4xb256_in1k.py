@@ -1,14 +1,18 @@
 # MoE Jetpack's V-JetMoE-T (dual-path SpheroMoE, 98 core + 196 universal
 # experts in blocks 6..11) fine-tuned on ImageNet-1k for 300 epochs from
-# recycled weights: the trunk of an ImageNet-21k ViT-T and experts sampled
-# from an ImageNet-21k ViT-S (MoE Jetpack's checkpoint recycling), written
-# to `load_from` below by the recycling tool (README: "Recycle your dense
-# checkpoint").
+# recycled weights written to `load_from` below by the recycling tool
+# (README: "Recycle your dense checkpoint"). MoE Jetpack samples the experts
+# from an ImageNet-21k ViT-S into a ViT-T-21k trunk; our tool does not
+# select channels yet, so recycle an ImageNet-21k ViT-T (same width):
+#   python tools/gen_weight/gen_vit_moe_weight.py THIS_CONFIG \
+#       --dense vit_tiny_in21k.pth --method importance \
+#       --calib-data data/imagenet/train --out weights/vjetmoe-t_recycled.pth
 #
 #   tools/dist_train.sh configs/moejet/vjetmoe-t_4xb256_in1k.py 4
 #
-# Expected: 79.9 % top-1 on ImageNet val (MoE Jetpack's figure; dense ViT-T
-# 73.9 from scratch, 75.6 from ImageNet-21k; Soft MoE from scratch 77.1).
+# Expected: 79.9 % top-1 on ImageNet val (MoE Jetpack's figure, experts
+# from ViT-S; dense ViT-T 73.9 from scratch, 75.6 from ImageNet-21k; Soft MoE
+# from scratch 77.1). From a ViT-T alone no figure is published.
 # Total batch 4096 = num_gpus x batch_per_gpu x accumulation: edit only the
 # first two numbers, the gradient accumulation follows.
 _base_ = [
@@ -30,7 +34,7 @@ val_dataloader = dict(batch_size=batch_per_gpu)
 test_dataloader = val_dataloader
 optim_wrapper = dict(accumulative_counts=accumulative_counts)
 
-load_from = 'weights/moejet-vit-t-dual_from-vit-s-in21k.pth'
+load_from = 'weights/vjetmoe-t_recycled.pth'
 randomness = dict(seed=3407)
 default_hooks = dict(
     checkpoint=dict(type='CheckpointHook', interval=10, max_keep_ckpts=3))
