@@ -13,7 +13,7 @@
 # Edit only `num_gpus` (the N above) and `batch_per_gpu`; the gradient
 # accumulation keeps the total batch at 4096.
 _base_ = [
-    '../_base_/datasets/convnext_imagenet_bs256_randaug.py',
+    '../_base_/datasets/imagenet_bs64_swin_224.py',
     '../_base_/schedules/convnext_jetmoe_adamw_cosine_300e.py',
     '../_base_/default_runtime.py',
 ]
@@ -58,6 +58,8 @@ model = dict(
 )
 
 train_dataloader = dict(batch_size=batch_per_gpu)
+val_dataloader = dict(batch_size=128)
+test_dataloader = val_dataloader
 optim_wrapper = dict(
     accumulative_counts=total_batch // (num_gpus * batch_per_gpu))
 auto_scale_lr = dict(base_batch_size=total_batch)
