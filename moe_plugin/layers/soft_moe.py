@@ -73,6 +73,37 @@ def resolve_slots_per_expert(num_experts: int,
     return int(slots_per_expert)
 
 
+def tokens_to_slots(dispatch: Tensor, x: Tensor) -> Tensor:
+    """Slot inputs, each a dispatch-weighted mix of one image's tokens.
+
+    Args:
+        dispatch (Tensor): ``[B, N, E, p]`` weights (float32 or float64).
+        x (Tensor): ``[B, N, D]`` tokens.
+
+    Returns:
+        Tensor: ``[E, B * p, D]`` in ``x``'s dtype, mixed in the weights'.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        slots = torch.einsum('bnep,bnd->ebpd', dispatch, x.to(dispatch.dtype))
+    return slots.reshape(dispatch.shape[2], -1, x.shape[-1]).to(x.dtype)
+
+
+def slots_to_tokens(combine: Tensor, out: Tensor, images: int) -> Tensor:
+    """Token outputs, each a combine-weighted sum of all slot outputs.
+
+    Args:
+        combine (Tensor): ``[B, N, E * p]`` weights.
+        out (Tensor): ``[E, B * p, D]`` expert outputs.
+        images (int): ``B``.
+
+    Returns:
+        Tensor: ``[B, N, D]``.
+    """
+    num_experts, _, dims = out.shape
+    out = out.view(num_experts, images, -1, dims).permute(1, 0, 2, 3)
+    return torch.bmm(combine.to(out.dtype), out.reshape(images, -1, dims))
+
+
 def expert_share(combine: Tensor, num_experts: int) -> Tensor:
     """Share of the combine weight each expert received.
 
@@ -175,16 +206,9 @@ class SoftMoE(nn.Module):
             Tensor: ``[B, N, D]``; sets ``self.moe_metrics`` (``expert_load``:
             ``[E]``, each expert's share of the combine weight).
         """
-        images, _, dims = x.shape
         dispatch, combine = self.routing_weights(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            slots = torch.einsum('bnep,bnd->ebpd', dispatch,
-                                 x.to(dispatch.dtype))
-        out = self.experts(
-            slots.reshape(self.num_experts, -1, dims).to(x.dtype))
-        out = out.view(self.num_experts, images, self.slots_per_expert,
-                       dims).permute(1, 0, 2, 3).reshape(images, -1, dims)
-        y = torch.bmm(combine.to(out.dtype), out)
+        out = self.experts(tokens_to_slots(dispatch, x))
+        y = slots_to_tokens(combine, out, x.shape[0])
         self.moe_metrics = {
             'expert_load': expert_share(combine, self.num_experts)
         }

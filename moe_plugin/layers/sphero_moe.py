@@ -36,7 +36,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from .experts import BatchedExperts
-from .soft_moe import expert_share
+from .soft_moe import expert_share, slots_to_tokens, tokens_to_slots
 
 COMBINES = ('softmax', 'entmax15')
 
@@ -261,20 +261,14 @@ class SpheroMoE(nn.Module):
             Tensor: ``[B, N, D]``; sets ``self.moe_metrics`` (``expert_load``:
             ``[E_c + E_u]``, each expert's share of the combine weight).
         """
-        images, _, dims = x.shape
         dispatch, combine = self.routing_weights(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            slots = torch.einsum('bnep,bnd->ebpd', dispatch,
-                                 x.to(dispatch.dtype))
-        slots = slots.reshape(self.num_experts, -1, dims).to(x.dtype)
+        slots = tokens_to_slots(dispatch, x)
         core = self.num_core_experts
         out = self._run_group(self.core_experts, slots[:core], 0)
         if self.univ_experts is not None:
             out = torch.cat(
                 [out, self._run_group(self.univ_experts, slots[core:], 1)])
-        out = out.view(self.num_experts, images, self.slots_per_expert,
-                       dims).permute(1, 0, 2, 3).reshape(images, -1, dims)
-        y = self.drop_path(torch.bmm(combine.to(out.dtype), out))
+        y = self.drop_path(slots_to_tokens(combine, out, x.shape[0]))
         self.moe_metrics = {
             'expert_load': expert_share(combine, self.num_experts)
         }
