@@ -496,3 +496,21 @@ def test_louvain_on_a_large_graph_keeps_the_planted_groups():
     labels = partition_graph(coactivation, parts, 'louvain', seed=0)
     found = {frozenset(np.flatnonzero(labels == k)) for k in range(parts)}
     assert found == {frozenset(g) for g in groups}
+
+
+def test_position_embedding_resized_to_the_target_grid(dense_files):
+    from mmpretrain.models.utils import resize_pos_embed
+    _, root = dense_files
+    dense = load_dense_vit(str(root / 'vit.pth'))
+    model = moe_classifier(img_size=64)
+    state, report = recycle(dense, model)
+    model.load_state_dict(state, strict=True)
+    assert state['backbone.pos_embed'].shape == (1, 1 + 8 * 8, DIM)
+    torch.testing.assert_close(
+        state['backbone.pos_embed'],
+        resize_pos_embed(dense.state['pos_embed'], (4, 4), (8, 8), 'bicubic',
+                         1))
+    # The class token's position is kept as it is.
+    torch.testing.assert_close(state['backbone.pos_embed'][:, 0],
+                               dense.state['pos_embed'][:, 0])
+    assert 'backbone.pos_embed' in report['copied']
