@@ -132,6 +132,9 @@ def main(argv=None):
         raise FileExistsError(f'{out} exists; pass --force to overwrite it')
     model_cfg = cfg.model.copy()
     model_cfg.pop('init_cfg', None)
+    # The fresh parameters (routers, slots, a new head) come from the
+    # target's own initialisation: seeded, so that a run is reproducible.
+    torch.manual_seed(args.seed)
     model = MODELS.build(model_cfg)
     model.init_weights()
     backbone = model.backbone
