@@ -452,6 +452,14 @@ def test_cli_importance_with_calibration_folder(dense_files, tmp_path):
     assert torch.equal(
         torch.load(out, weights_only=True)['state_dict'][
             'backbone.layers.1.ffn.experts.w1'], experts)
+    # With --force, the same seed gives the same weights, fresh ones too.
+    forced = subprocess.run(command + ['--force'], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=1800)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    again_state = torch.load(out, weights_only=True)['state_dict']
+    for key in ('backbone.layers.1.ffn.router.weight', 'head.fc.weight',
+                'backbone.layers.1.ffn.experts.w1'):
+        assert torch.equal(again_state[key], state[key]), key
     # Asking for more classes than the folder has.
     fewer = subprocess.run(command[:-4] + ['--calib-classes', '5', '--out',
                                            str(tmp_path / 'x.pth')],
