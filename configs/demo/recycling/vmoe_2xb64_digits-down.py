@@ -6,7 +6,7 @@
 #
 #   tools/dist_train.sh configs/demo/recycling/vmoe_2xb64_digits-down.py 2
 #
-# Expected: from upcycled weights >= 95 % val top-1 (measured 96.1 % after
+# Expected: from upcycled weights >= 95 % val top-1 (measured 95.5 % after
 # 24 epochs); from scratch 77.1 % after the same 24 epochs (measured).
 # The demo writes both curves to work_dirs/demo/summary.json.
 _base_ = ['../vmoe-demo_2xb64_digits.py']
