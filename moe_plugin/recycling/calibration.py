@@ -4,7 +4,9 @@ Images stream through the dense model in batches; for each chosen block only
 running sums are kept: ``sum |a|``, ``sum a^2``, ``count(a > 0)`` per hidden
 neuron (``[H]`` each) and, for graph partitioning, the co-activation counts
 ``(a > 0)^T (a > 0)`` (``[H, H]`` float64: 8 * H^2 bytes per block, 18.9 MB
-for ViT-S's H = 1536). Memory does not grow with the number of images.
+for ViT-S's H = 1536). For channel selection every block also keeps
+``3 * 2 * D`` sums (its MLP inputs and attention outputs). Memory does not
+grow with the number of images.
 """
 import os
 import os.path as osp
@@ -71,7 +73,8 @@ def calibrate(model: nn.Module,
               batches: Iterable[Tensor],
               blocks: Sequence[int],
               coactivation: bool = False,
-              total: Optional[int] = None) -> Dict[int, dict]:
+              total: Optional[int] = None,
+              channels: bool = False) -> Dict[int, dict]:
     """Stream images through a dense MMPretrain ``VisionTransformer``.
 
     Args:
@@ -79,21 +82,43 @@ def calibrate(model: nn.Module,
             outputs the post-activation hidden units).
         batches (Iterable[Tensor]): ``[B, 3, H, W]`` normalised images.
         blocks (Sequence[int]): the blocks to record.
-        coactivation (bool): also count co-activations. Defaults to False.
+        coactivation (bool): also count co-activations (of ``blocks``).
+            Defaults to False.
         total (int, optional): number of images, for the progress bar.
+        channels (bool): for channel selection, also record every block:
+            its hidden neurons, its MLP inputs (LayerNorm-2 outputs,
+            ``embed``, ``[D]``) and its attention heads' outputs (the
+            projection's inputs, ``attn``, ``[D]``). Defaults to False.
 
     Returns:
-        dict: block -> :meth:`NeuronStatistics.result`.
+        dict: block -> :meth:`NeuronStatistics.result`, with ``embed`` and
+        ``attn`` results when ``channels``.
     """
     from mmengine.utils import ProgressBar
-    stats, handles = {}, []
-    for block in blocks:
-        fc1 = model.layers[block].ffn.layers[0]
-        hidden = fc1[0].out_features
-        stats[block] = NeuronStatistics(hidden, coactivation)
-        handles.append(
-            fc1.register_forward_hook(
-                lambda module, args, out, s=stats[block]: s.update(out)))
+    hidden, handles, extra = {}, [], {}
+    recorded = sorted(set(blocks) | (set(range(len(model.layers)))
+                                     if channels else set()))
+
+    def record(stat):
+        return lambda module, args, out: stat.update(out)
+
+    for block in recorded:
+        layer = model.layers[block]
+        fc1 = layer.ffn.layers[0]
+        hidden[block] = NeuronStatistics(fc1[0].out_features, coactivation
+                                         and block in blocks)
+        handles.append(fc1.register_forward_hook(record(hidden[block])))
+        if channels:
+            width = layer.ln2.normalized_shape[0]
+            extra[block] = dict(embed=NeuronStatistics(width),
+                                attn=NeuronStatistics(width))
+            handles.append(
+                layer.ln2.register_forward_hook(record(
+                    extra[block]['embed'])))
+            handles.append(
+                layer.attn.proj.register_forward_pre_hook(
+                    lambda module, args, s=extra[block]['attn']: s.update(
+                        args[0])))
     bar = ProgressBar(total) if total else None
     model.eval()
     try:
@@ -107,7 +132,10 @@ def calibrate(model: nn.Module,
             handle.remove()
     if bar is not None:
         print(flush=True)
-    return {block: s.result() for block, s in stats.items()}
+    out = {block: s.result() for block, s in hidden.items()}
+    for block, parts in extra.items():
+        out[block].update({k: s.result() for k, s in parts.items()})
+    return out
 
 
 def balanced_choice(labels: Sequence[int], num_images: int, seed: int,
@@ -187,16 +215,19 @@ def folder_batches(samples, indices, size, mean, std, batch_size=32):
         ])
 
 
-def build_dense_vit(dense, backbone: nn.Module) -> nn.Module:
+def build_dense_vit(dense,
+                    backbone: nn.Module,
+                    num_heads: Optional[int] = None) -> nn.Module:
     """MMPretrain's ``VisionTransformer`` holding the dense weights, with
-    the target backbone's image size and heads (exact GELU, as timm and
-    MMPretrain ViTs)."""
+    the target backbone's image size, and its heads unless ``num_heads``
+    (a wider dense model) is given (exact GELU, as timm and MMPretrain
+    ViTs)."""
     from mmpretrain.models import VisionTransformer
     model = VisionTransformer(
         arch=dict(
             embed_dims=dense.embed_dims,
             num_layers=dense.num_layers,
-            num_heads=backbone.layers[0].attn.num_heads,
+            num_heads=num_heads or backbone.layers[0].attn.num_heads,
             feedforward_channels=dense.feedforward_channels),
         img_size=backbone.img_size,
         patch_size=dense.patch_size,

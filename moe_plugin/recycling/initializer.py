@@ -28,6 +28,10 @@ class RecycleDenseInit:
         noise (float): std of noise on upcycled expert kernels.
             Defaults to 0.
         seed (int): sampling seed. Defaults to 0.
+        dense_heads (int, optional): attention heads of a checkpoint wider
+            than the model (narrowed by channel selection, ranked by its
+            LayerNorm gains) when the file does not store them. Defaults to
+            None (its width over the model's head width).
     """
 
     def __init__(self,
@@ -36,6 +40,7 @@ class RecycleDenseInit:
                  dense_format: Optional[str] = None,
                  noise: float = 0.0,
                  seed: int = 0,
+                 dense_heads: Optional[int] = None,
                  **kwargs):
         if method in CALIBRATED:
             raise ValueError(
@@ -49,11 +54,13 @@ class RecycleDenseInit:
         self.dense_format = dense_format
         self.noise = noise
         self.seed = seed
+        self.dense_heads = dense_heads
 
     def __call__(self, module: nn.Module) -> None:
         dense = load_dense_vit(self.checkpoint, self.dense_format)
         state, _ = recycle_backbone(
-            dense, module, self.method, noise=self.noise, seed=self.seed)
+            dense, module, self.method, noise=self.noise, seed=self.seed,
+            dense_heads=self.dense_heads)
         module.load_state_dict(state, strict=True)
 
     def __repr__(self) -> str:

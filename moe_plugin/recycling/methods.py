@@ -203,23 +203,37 @@ def select_indices(method: str,
                          seed)
 
 
-def build_experts(fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
-                  fc2_bias: Tensor, indices: np.ndarray):
+def build_experts(fc1_weight: Tensor,
+                  fc1_bias: Tensor,
+                  fc2_weight: Tensor,
+                  fc2_bias: Tensor,
+                  indices: np.ndarray,
+                  channels: Optional[np.ndarray] = None):
     """Stacked expert weights from a dense MLP and the neuron indices.
 
     Args:
         fc1_weight (Tensor): ``[H, D]``; fc1_bias ``[H]``.
         fc2_weight (Tensor): ``[D, H]``; fc2_bias ``[D]``.
-        indices (np.ndarray): ``[E, W]``.
+        indices (np.ndarray): ``[E, W]`` hidden neurons of each expert.
+        channels (np.ndarray, optional): ``[E, d]`` embedding channels each
+            expert reads and writes (MoE Jetpack's original layout).
+            Defaults to None (all ``D``).
 
     Returns:
         tuple: ``w1 [E, D, W]``, ``b1 [E, W]``, ``w2 [E, W, D]``,
-        ``b2 [E, D]`` (the layout of :class:`BatchedExperts`).
+        ``b2 [E, D]`` (the layout of :class:`BatchedExperts`; ``d`` for
+        ``D`` with ``channels``).
     """
     index = torch.as_tensor(indices, dtype=torch.long)
     w1 = fc1_weight[index].transpose(1, 2)
     b1 = fc1_bias[index]
     w2 = fc2_weight.t()[index]
     b2 = fc2_bias.expand(index.shape[0], -1)
+    if channels is not None:
+        channel = torch.as_tensor(channels, dtype=torch.long)
+        rows = torch.arange(index.shape[0])[:, None]
+        w1 = w1[rows, channel]
+        w2 = w2.gather(2, channel[:, None, :].expand(-1, w2.shape[1], -1))
+        b2 = b2.gather(1, channel)
     return (w1.contiguous(), b1.contiguous(), w2.contiguous(),
             b2.contiguous())

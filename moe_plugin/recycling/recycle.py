@@ -6,6 +6,12 @@ block's experts are built from that block's dense MLP with a method of
 :mod:`.methods`, and routing parameters (router, slots, temperatures, slot
 norms) keep the target's fresh initialisation. :func:`recycle` does the
 same for a whole classifier and copies the head when the class count fits.
+
+A dense model wider than the target is narrowed first by channel selection
+(:mod:`.channels`: the same channels for the whole model). With ``trunk``,
+MoE Jetpack's original layout: every tensor but the experts comes from a
+second checkpoint of the target's width, and each expert takes its own
+channels of the wide model.
 """
 import json
 import os
@@ -17,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .channels import expert_channels, narrow_to_target
 from .formats import DenseViT
 from .methods import build_experts, select_indices
 
@@ -35,9 +42,12 @@ def _resize_pos_embed(pos_embed: Tensor, target: Tensor,
                             num_extra_tokens)
 
 
-def check_compatible(dense: DenseViT, backbone: nn.Module) -> None:
+def check_compatible(dense: DenseViT,
+                     backbone: nn.Module,
+                     allow_wider: bool = False) -> None:
     """Depth, width, heads and patch size of the dense model must be the
-    target's; raise ``ValueError`` naming the mismatch."""
+    target's (a wider one is narrowed later when ``allow_wider``); raise
+    ``ValueError`` naming the mismatch."""
     target_depth = len(backbone.layers)
     if dense.num_layers != target_depth:
         raise ValueError(f'dense checkpoint has {dense.num_layers} blocks, '
@@ -45,13 +55,17 @@ def check_compatible(dense: DenseViT, backbone: nn.Module) -> None:
     key = 'patch_embed.projection.weight'
     ours = tuple(backbone.state_dict()[key].shape)
     theirs = tuple(dense.state[key].shape)
-    if ours != theirs:
+    wider = theirs[0] > ours[0] and allow_wider
+    if ours[1:] != theirs[1:] or (ours[0] != theirs[0] and not wider):
         what = ('width' if ours[0] != theirs[0] else 'patch size'
                 if ours[2:] != theirs[2:] else 'input channels')
+        hint = (' (a narrower dense model cannot be recycled)'
+                if allow_wider and what == 'width' else '')
         raise ValueError(f'{key}: checkpoint {theirs} vs model {ours} '
-                         f'({what} mismatch)')
+                         f'({what} mismatch){hint}')
     heads = backbone.layers[0].attn.num_heads
-    if dense.num_heads is not None and dense.num_heads != heads:
+    if (dense.num_heads is not None and dense.num_heads != heads
+            and theirs[0] == ours[0]):
         raise ValueError(f'dense checkpoint has {dense.num_heads} attention '
                          f'heads, the target model {heads}')
 
@@ -64,17 +78,21 @@ def recycle_backbone(dense: DenseViT,
                      seed: int = 0,
                      importance: str = 'l2',
                      selection: str = 'sample',
-                     graph: str = 'louvain') -> Tuple[dict, dict]:
+                     graph: str = 'louvain',
+                     trunk: Optional[DenseViT] = None,
+                     dense_heads: Optional[int] = None) -> Tuple[dict, dict]:
     """Build a ``VisionMoE`` state dict from a dense ViT.
 
     Args:
-        dense (DenseViT): the canonical dense checkpoint.
+        dense (DenseViT): the canonical dense checkpoint (as wide as the
+            target, or wider: then narrowed by channel selection).
         backbone (nn.Module): the target ``VisionMoE`` (its own tensors are
             the fresh values of the routing parameters).
         method (str): 'upcycle', 'random', 'uniform', 'importance' or
             'graph'. Defaults to 'upcycle'.
         stats (dict, optional): block -> calibration statistics, for
-            'importance' and 'graph'. Defaults to None.
+            'importance' and 'graph' (and the channel ranking, with
+            ``embed`` / ``attn`` entries). Defaults to None.
         noise (float): std of Gaussian noise added to upcycled expert
             kernels (breaks their symmetry). Defaults to 0.
         seed (int): seed of the sampling and the noise. Defaults to 0.
@@ -82,38 +100,68 @@ def recycle_backbone(dense: DenseViT,
         selection (str): importance 'sample' or 'top'. Defaults to 'sample'.
         graph (str): 'louvain', 'spectral' or 'metis'. Defaults to
             'louvain'.
+        trunk (DenseViT, optional): a checkpoint of the target's width for
+            every tensor but the experts, which are then cut from ``dense``
+            with their own channels each (MoE Jetpack's original layout).
+            Defaults to None.
+        dense_heads (int, optional): attention heads of a wider ``dense``
+            when the file does not store them. Defaults to None (the dense
+            width over the target's head width).
 
     Returns:
         tuple: the state dict (every key of ``backbone``) and a report:
         ``copied``, ``sampled``, ``fresh``, ``unused`` key lists and
-        ``experts`` (per MoE block and group, each expert's neuron indices).
+        ``experts`` (per MoE block and group, each expert's neuron
+        indices); with channel selection ``channels``, ``heads``,
+        ``hidden``; with a trunk ``expert_channels``.
     """
-    check_compatible(dense, backbone)
     if noise < 0:
         raise ValueError(f'noise must be >= 0, got {noise}')
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     target = backbone.state_dict()
     moe_blocks = tuple(getattr(backbone, 'moe_layers', ()))
-    state, report = {}, dict(copied=[], sampled=[], fresh=[], experts={})
-    used = set()
+    report = dict(copied=[], sampled=[], fresh=[], experts={})
+    if trunk is not None:
+        check_compatible(trunk, backbone)
+        check_compatible(dense, backbone, allow_wider=True)
+        source = trunk
+        report['expert_channels'] = {}
+    else:
+        check_compatible(dense, backbone, allow_wider=True)
+        if dense.embed_dims != target['patch_embed.projection.weight'].shape[
+                0]:
+            dense, channel_report = narrow_to_target(
+                dense, target, backbone.layers[0].attn.num_heads, moe_blocks,
+                method, rng, stats, importance, selection, graph, seed,
+                dense_heads)
+            report.update(channel_report)
+        source = dense
+    state, used = {}, set()
     for i in moe_blocks:
         layer = backbone.layers[i].ffn
         prefix = f'layers.{i}.ffn.'
         fc1_w, fc1_b, fc2_w, fc2_b = dense.fc(i)
         used.update(f'layers.{i}.ffn.layers.{n}' for n in (
             '0.0.weight', '0.0.bias', '1.weight', '1.bias'))
-        block_report = {}
+        block_report, block_channels = {}, {}
         for attr, name in EXPERT_GROUPS:
             experts = getattr(layer, attr, None)
             if experts is None:
                 continue
-            count, _, width = experts.w1.shape
+            count, embed_dims, width = experts.w1.shape
             indices = select_indices(
                 method, fc1_w.shape[0], width, count, rng,
                 None if stats is None else stats.get(i), importance,
                 selection, graph, seed)
-            tensors = build_experts(fc1_w, fc1_b, fc2_w, fc2_b, indices)
+            channels = None
+            if trunk is not None:
+                channels = expert_channels(method, dense, i, embed_dims,
+                                           count, rng, stats, importance,
+                                           selection)
+                block_channels[name] = channels.tolist()
+            tensors = build_experts(fc1_w, fc1_b, fc2_w, fc2_b, indices,
+                                    channels)
             for tensor_name, value in zip(('w1', 'b1', 'w2', 'b2'), tensors):
                 key = f'{prefix}{attr}.{tensor_name}'
                 if noise > 0 and tensor_name in ('w1', 'w2'):
@@ -123,25 +171,30 @@ def recycle_backbone(dense: DenseViT,
                 report['sampled'].append(key)
             block_report[name] = indices.tolist()
         report['experts'][f'layers.{i}'] = block_report
+        if trunk is not None:
+            report['expert_channels'][f'layers.{i}'] = block_channels
+    if trunk is not None:
+        used = set()  # the wide model gave the experts only
     num_extra = getattr(backbone, 'num_extra_tokens', 1)
     for key, value in target.items():
         if key in state:
             continue
-        if key in dense.state and not any(
+        if key in source.state and not any(
                 key.startswith(f'layers.{i}.ffn.') for i in moe_blocks):
-            source = dense.state[key]
-            if key == 'pos_embed' and source.shape != value.shape:
-                source = _resize_pos_embed(source, value, num_extra)
-            if tuple(source.shape) != tuple(value.shape):
-                raise ValueError(f'{key}: checkpoint {tuple(source.shape)} '
-                                 f'vs model {tuple(value.shape)}')
-            state[key] = source.to(value.dtype)
+            value_in = source.state[key]
+            if key == 'pos_embed' and value_in.shape != value.shape:
+                value_in = _resize_pos_embed(value_in, value, num_extra)
+            if tuple(value_in.shape) != tuple(value.shape):
+                raise ValueError(f'{key}: checkpoint '
+                                 f'{tuple(value_in.shape)} vs model '
+                                 f'{tuple(value.shape)}')
+            state[key] = value_in.to(value.dtype)
             report['copied'].append(key)
             used.add(key)
         else:
             state[key] = value.clone()
             report['fresh'].append(key)
-    report['unused'] = sorted(set(dense.state) - used)
+    report['unused'] = sorted(set(source.state) - used)
     return state, report
 
 
@@ -173,6 +226,11 @@ def recycle(dense: DenseViT,
         tuple: the classifier's full state dict and the report.
     """
     backbone_state, report = recycle_backbone(dense, model.backbone, **kwargs)
+    head = dict(dense.head)
+    if kwargs.get('trunk') is not None:
+        head = dict(kwargs['trunk'].head)
+    elif 'channels' in report and 'weight' in head:
+        head['weight'] = head['weight'][:, report['channels']]
     state = {f'backbone.{k}': v for k, v in backbone_state.items()}
     for name in ('copied', 'sampled', 'fresh'):
         report[name] = [f'backbone.{k}' for k in report[name]]
@@ -181,20 +239,20 @@ def recycle(dense: DenseViT,
         if key in state:
             continue
         source = None
-        if (head_keys is not None and key in head_keys and dense.head
+        if (head_keys is not None and key in head_keys and head
                 and not fresh_head):
-            source = dense.head['weight' if key == head_keys[0] else 'bias']
+            source = head['weight' if key == head_keys[0] else 'bias']
         if source is not None and tuple(source.shape) == tuple(value.shape):
             state[key] = source.to(value.dtype)
             report['copied'].append(key)
         else:
             state[key] = value.clone()
             report['fresh'].append(key)
-    if (dense.head and head_keys and head_keys[0] in report['fresh']
+    if (head and head_keys and head_keys[0] in report['fresh']
             and not fresh_head):
         report['head_note'] = (
             f'head left fresh: checkpoint '
-            f"{tuple(dense.head['weight'].shape)} vs model "
+            f"{tuple(head['weight'].shape)} vs model "
             f'{tuple(model.state_dict()[head_keys[0]].shape)}')
     return state, report
 

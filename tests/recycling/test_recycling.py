@@ -318,8 +318,8 @@ def test_config_only_upcycling(dense_files):
 
 @pytest.mark.parametrize('kwargs,match', [
     (dict(depth=3), 'dense checkpoint has 3 blocks, the target model 2'),
-    (dict(dim=48, heads=2), r'patch_embed.projection.weight: checkpoint '
-     r'\(48, 3, 8, 8\) vs model \(32, 3, 8, 8\) \(width mismatch\)'),
+    (dict(dim=16, heads=2), r'patch_embed.projection.weight: checkpoint '
+     r'\(16, 3, 8, 8\) vs model \(32, 3, 8, 8\) \(width mismatch\)'),
     (dict(patch=4), r'\(32, 3, 4, 4\) vs model \(32, 3, 8, 8\) \(patch '
      'size mismatch\\)'),
 ])

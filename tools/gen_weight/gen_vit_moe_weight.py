@@ -31,6 +31,14 @@ METHOD_HELP = """methods:
   graph       co-activation graph of the neurons on calibration images, cut
               into one group per expert (--graph louvain|spectral|metis),
               filled to the expert width by importance
+
+A dense model wider than the target (ViT-S into a ViT-T-width MoE) is first
+narrowed by channel selection: the same embedding channels for the whole
+model (by calibrated importance, evenly spaced for uniform, at random for
+random, else by LayerNorm gains) and whole attention heads per block.
+--trunk NARROW.pth instead takes every tensor but the experts from NARROW
+and cuts each expert with its own channels from --dense (MoE Jetpack's
+original layout, for comparison).
 """
 
 
@@ -48,6 +56,17 @@ def parse_args(argv=None):
     parser.add_argument(
         '--dense-format', choices=['timm', 'big_vision', 'mmpretrain'],
         help='force the format (detected from the file by default)')
+    parser.add_argument(
+        '--trunk',
+        help='a dense checkpoint of the target width for every tensor but '
+        "the experts (MoE Jetpack's original layout)")
+    parser.add_argument(
+        '--trunk-format', choices=['timm', 'big_vision', 'mmpretrain'],
+        help='force the format of --trunk')
+    parser.add_argument(
+        '--dense-heads', type=int,
+        help='attention heads of a wider --dense when the file does not '
+        "store them (default: its width over the target's head width)")
     parser.add_argument(
         '--method', default='upcycle',
         choices=['upcycle', 'random', 'uniform', 'importance', 'graph'],
@@ -111,6 +130,19 @@ def calibration_batches(args, cfg, backbone):
                                       args.batch_size), len(indices)
 
 
+def layout_line(report, trunk, trunk_path):
+    """How the widths were matched, for the summary."""
+    if trunk is not None:
+        return (f'layout:  trunk from {trunk_path} ({trunk.fmt}); each '
+                'expert with its own channels of the dense model\n')
+    if 'channels' in report:
+        return (f"channels: {len(report['channels'])} of "
+                f"{report['dense_width']} kept for the whole model (ranked "
+                f"by {report['channel_scores']}), heads chosen whole "
+                f"({report['dense_heads']} dense)\n")
+    return ''
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -119,6 +151,7 @@ def main(argv=None):
 
     import moe_plugin  # noqa: F401
     from moe_plugin import recycling
+    from moe_plugin.recycling.channels import dense_num_heads
     from moe_plugin.recycling.recycle import check_compatible
 
     start = time.perf_counter()
@@ -143,31 +176,47 @@ def main(argv=None):
                          f'{type(backbone).__name__} backbone; the target '
                          'must be a VisionMoE')
     dense = recycling.load_dense_vit(args.dense, args.dense_format)
-    check_compatible(dense, backbone)
+    trunk = None
+    if args.trunk:
+        trunk = recycling.load_dense_vit(args.trunk, args.trunk_format)
+        check_compatible(trunk, backbone)
+    check_compatible(dense, backbone, allow_wider=True)
+    target_heads = backbone.layers[0].attn.num_heads
+    wider = dense.embed_dims != backbone.embed_dims
+    dense_heads = target_heads
+    if wider:
+        dense_heads = dense_num_heads(dense,
+                                      backbone.embed_dims // target_heads,
+                                      args.dense_heads)
     loaded = time.perf_counter()
 
     stats = None
     calib_seconds = 0.0
     if args.method in recycling.CALIBRATED:
-        dense_model = recycling.build_dense_vit(dense, backbone).to(
-            args.device)
+        dense_model = recycling.build_dense_vit(dense, backbone,
+                                                dense_heads).to(args.device)
         batches, count = calibration_batches(args, cfg, backbone)
         calib_start = time.perf_counter()
         stats = recycling.calibrate(
             dense_model, (b.to(args.device) for b in batches),
             backbone.moe_layers, coactivation=args.method == 'graph',
-            total=count)
+            total=count, channels=wider)
         calib_seconds = time.perf_counter() - calib_start
     state, report = recycling.recycle(
         dense, model, fresh_head=args.fresh_head, method=args.method,
         stats=stats, noise=args.noise,
         seed=args.seed, importance=args.importance,
-        selection=args.importance_select, graph=args.graph)
+        selection=args.importance_select, graph=args.graph, trunk=trunk,
+        dense_heads=args.dense_heads)
     model.load_state_dict(state, strict=True)  # fits the target exactly
     report.update(
         source=osp.abspath(args.dense),
         sha256=recycling.sha256(args.dense),
         format=dense.fmt,
+        trunk=None if trunk is None else dict(
+            source=osp.abspath(args.trunk),
+            sha256=recycling.sha256(args.trunk),
+            format=trunk.fmt),
         config=osp.abspath(args.config),
         method=args.method,
         seed=args.seed,
@@ -187,6 +236,7 @@ def main(argv=None):
           f'width {dense.embed_dims})\n'
           f'target:  {args.config} (MoE blocks {list(backbone.moe_layers)})\n'
           f'method:  {args.method}\n'
+          f'{layout_line(report, trunk, args.trunk)}'
           f"keys:    {len(report['copied'])} copied, "
           f"{len(report['sampled'])} sampled, {len(report['fresh'])} fresh "
           f"({', '.join(report['fresh'][:6])}"
