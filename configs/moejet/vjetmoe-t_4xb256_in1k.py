@@ -1,12 +1,14 @@
 # MoE Jetpack's V-JetMoE-T (dual-path SpheroMoE, 98 core + 196 universal
 # experts in blocks 6..11) fine-tuned on ImageNet-1k for 300 epochs from
 # recycled weights written to `load_from` below by the recycling tool
-# (README: "Recycle your dense checkpoint"). MoE Jetpack samples the experts
-# from an ImageNet-21k ViT-S into a ViT-T-21k trunk; our tool does not
-# select channels yet, so recycle an ImageNet-21k ViT-T (same width):
+# (README: "Recycle your dense checkpoint"). The experts are sampled from an
+# ImageNet-21k ViT-S (384 dims) narrowed to the ViT-T width by channel
+# selection (the same 192 channels and 3 of 6 heads for the whole model):
 #   python tools/gen_weight/gen_vit_moe_weight.py THIS_CONFIG \
-#       --dense vit_tiny_in21k.pth --method importance \
+#       --dense vit_small_in21k.pth --method importance \
 #       --calib-data data/imagenet/train --out weights/vjetmoe-t_recycled.pth
+# MoE Jetpack's own layout (trunk from an ImageNet-21k ViT-T, each expert
+# with its own channels of the ViT-S): add `--trunk vit_tiny_in21k.pth`.
 #
 #   tools/dist_train.sh configs/moejet/vjetmoe-t_4xb256_in1k.py 4
 #

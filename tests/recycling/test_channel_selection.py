@@ -96,7 +96,8 @@ def reference_with_kept_layernorms(model):
     return model
 
 
-def narrow_moe(expert_width=HIDDEN, moe_layers='every-1', **moe):
+def narrow_moe(expert_width=HIDDEN, moe_layers='every-1', init_cfg=None,
+               **moe):
     moe_cfg = dict(type='SparseMoE', num_experts=4, top_k=2,
                    renormalize=True, capacity_factor=4.0,
                    capacity_multiple_of=1, feedforward_channels=expert_width)
@@ -109,7 +110,8 @@ def narrow_moe(expert_width=HIDDEN, moe_layers='every-1', **moe):
                                      num_heads=NARROW // HEAD_DIM,
                                      feedforward_channels=HIDDEN),
                            img_size=32, patch_size=8, act='gelu',
-                           moe_layers=moe_layers, moe_cfg=moe_cfg),
+                           moe_layers=moe_layers, moe_cfg=moe_cfg,
+                           init_cfg=init_cfg),
              head=dict(type='LinearClsHead', num_classes=CLASSES,
                        in_channels=NARROW))).eval()
     model.init_weights()
@@ -138,6 +140,17 @@ def test_channel_selection_keeps_the_residual_stream(wide):
     expected = reference_with_kept_layernorms(model)(x)
     torch.testing.assert_close(moe(x, mode='tensor'), expected, rtol=1e-4,
                                atol=1e-5)
+
+
+def test_config_only_route_narrows_a_wider_checkpoint(wide, tmp_path):
+    model, dense = wide
+    torch.save(model.state_dict(), tmp_path / 'wide.pth')
+    moe = narrow_moe(init_cfg=dict(type='RecycleDenseInit',
+                                   checkpoint=str(tmp_path / 'wide.pth')))
+    state, _ = recycle_backbone(dense, narrow_moe().backbone)
+    for key, value in moe.backbone.state_dict().items():
+        if 'router' not in key:
+            assert torch.equal(value, state[key]), key
 
 
 def test_calibrated_channel_selection_takes_exact_slices(wide):
