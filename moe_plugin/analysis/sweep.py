@@ -19,7 +19,9 @@ from .recording import RoutingRecorder, find_moe_layers
 Batches = Callable[[], Iterable[Tuple[Tensor, Tensor]]]
 
 
-def _logits(model: nn.Module, inputs: Tensor) -> Tensor:
+def model_logits(model: nn.Module, inputs: Tensor) -> Tensor:
+    """The logits ``[B, classes]`` of a classifier (or a backbone's last
+    output)."""
     from mmengine.model import BaseModel
     if isinstance(model, BaseModel):
         out = model(inputs, mode='tensor')
@@ -48,7 +50,7 @@ def evaluate_routing(model: nn.Module,
     pairs: Dict[str, int] = {}
     with torch.no_grad(), RoutingRecorder(model) as recorder:
         for inputs, labels in batches:
-            logits = _logits(model, inputs)
+            logits = model_logits(model, inputs)
             correct += int((logits.argmax(-1) == labels.to(
                 logits.device)).sum())
             images += labels.numel()

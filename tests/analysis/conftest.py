@@ -4,7 +4,7 @@ Images are one flat colour per class (red, green, blue: classes 0, 1, 2),
 20 px, patch 4: 25 tokens, no class token. The patch embedding copies each
 patch's mean R, G, B into channels 0-2, attention adds nothing (its output
 projection is zero), no position embedding; so the MoE layer (block 0) sees
-``LN((r, g, b, 0, ..., 0))`` for every token, and the router (``10`` on
+``LN((r, g, b, 0, ..., 0))`` for every token, and the router (``1`` on
 channel ``k`` for expert ``k < 3``, 0 for expert 3) sends each class's
 tokens to expert = class as first choice and to expert 3 as second.
 Block 1 is dense.
@@ -79,7 +79,7 @@ def set_hand_routing(model):
         router = block.ffn.router.weight
         router.zero_()
         for k in range(3):
-            router[k, k] = 10.0
+            router[k, k] = 1.0
     return model
 
 
@@ -87,7 +87,7 @@ def hand_gates():
     """The router's softmax for a red token, computed by hand."""
     x = torch.tensor([1.0, -1.0, -1.0, 0, 0, 0, 0, 0], dtype=torch.float64)
     normed = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-6)
-    logits = torch.cat([10 * normed[:3], torch.zeros(1, dtype=x.dtype)])
+    logits = torch.cat([normed[:3], torch.zeros(1, dtype=x.dtype)])
     return logits.softmax(0)
 
 
