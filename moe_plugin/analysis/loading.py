@@ -51,7 +51,8 @@ def load_model(cfg: Config,
         device (str): Defaults to 'cpu'.
 
     Returns:
-        nn.Module: the model, with ``dataset_meta`` from the checkpoint.
+        nn.Module: the model, with the checkpoint's ``dataset_meta`` in
+        ``_dataset_meta`` (as ``get_model`` leaves it).
     """
     from mmpretrain.apis import get_model
     with run_checkpoint_scope():
@@ -114,8 +115,12 @@ def labelled_batches(model: nn.Module,
 
 
 def class_names(model: nn.Module, num_classes: int):
-    """Class names from the model's ``dataset_meta``, or ``0 .. C-1``."""
-    classes = (getattr(model, 'dataset_meta', None) or {}).get('classes')
+    """Class names from the checkpoint's ``dataset_meta`` (kept by
+    :func:`load_model` as MMPretrain's ``get_model`` does, in
+    ``model._dataset_meta``), or ``0 .. C-1``."""
+    meta = (getattr(model, '_dataset_meta', None)
+            or getattr(model, 'dataset_meta', None) or {})
+    classes = meta.get('classes')
     if classes is not None and len(classes) == num_classes:
         return [str(c) for c in classes]
     return [str(i) for i in range(num_classes)]

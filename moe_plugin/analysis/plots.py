@@ -152,51 +152,46 @@ def plot_heatmap(matrix: np.ndarray,
     return _save(figure, path)
 
 
-def plot_overlays(image: np.ndarray,
+def plot_overlays(picture: np.ndarray,
                   grid: tuple,
-                  masks: Dict[str, np.ndarray],
+                  panels: Sequence[tuple],
                   path: str,
                   title: str,
-                  dropped: Optional[np.ndarray] = None,
-                  top5: Optional[Sequence] = None) -> str:
-    """One panel per expert: the patches it took, over the image.
+                  caption: Optional[str] = None) -> str:
+    """The input and one panel per expert over it.
 
     Args:
-        image (np.ndarray): ``[H, W, 3]`` uint8 RGB, the model's input size.
+        picture (np.ndarray): ``[H, W, 3]`` uint8 RGB, as the model sees it.
         grid (tuple): ``(rows, cols)`` of patches.
-        masks (dict): panel title -> ``[rows * cols]`` weights in [0, 1]
-            (a bool mask or soft weights), one panel each.
+        panels (Sequence[tuple]): ``(name, weights, outline)``: ``weights``
+            ``[rows * cols]`` in [0, 1] (a 0/1 mask or soft weights) drawn
+            as a heat overlay, ``outline`` an optional ``[rows * cols]`` bool
+            mask of patches outlined in red (dropped).
         path (str): the PNG to write.
         title (str): the figure title.
-        dropped (np.ndarray, optional): ``[rows * cols]`` bool, patches with
-            a choice dropped for lack of capacity, outlined in red on every
-            panel and drawn as a panel of their own. Defaults to None.
-        top5 (Sequence, optional): ``(name, probability)`` pairs, shown in
-            the first panel. Defaults to None.
+        caption (str, optional): text under the input (the top-5 classes).
 
     Returns:
         str: ``path``.
     """
     rows, cols = grid
-    panels = [('input', None)] + list(masks.items())
-    if dropped is not None:
-        panels.append(('dropped (no capacity)', dropped.astype(float)))
-    per_row = min(len(panels), 6)
-    lines = -(-len(panels) // per_row)
-    figure = _figure(2.2 * per_row, 2.4 * lines + 0.4)
-    height, width = image.shape[:2]
-    for index, (name, weights) in enumerate(panels):
+    per_row = min(len(panels) + 1, 6)
+    lines = -(-(len(panels) + 1) // per_row)
+    figure = _figure(2.3 * per_row, 2.5 * lines + 0.6)
+    height, width = picture.shape[:2]
+    cell_h, cell_w = height / rows, width / cols
+    everything = [('input', None, None)] + list(panels)
+    for index, (name, weights, outline) in enumerate(everything):
         axes = figure.add_subplot(lines, per_row, index + 1)
-        axes.imshow(image, interpolation='nearest')
+        axes.imshow(picture, interpolation='nearest')
         if weights is not None:
             heat = np.asarray(weights, dtype=float).reshape(rows, cols)
-            axes.imshow(heat, cmap='magma', alpha=0.6, vmin=0.0,
+            axes.imshow(heat, cmap='magma', alpha=0.65, vmin=0.0,
                         vmax=max(float(heat.max()), 1e-12),
                         extent=(-0.5, width - 0.5, height - 0.5, -0.5),
                         interpolation='nearest')
-        if dropped is not None and weights is not None:
-            ys, xs = np.nonzero(np.asarray(dropped).reshape(rows, cols))
-            cell_h, cell_w = height / rows, width / cols
+        if outline is not None:
+            ys, xs = np.nonzero(np.asarray(outline).reshape(rows, cols))
             for y, x in zip(ys, xs):
                 axes.add_patch(
                     _rectangle((x * cell_w - 0.5, y * cell_h - 0.5), cell_w,
@@ -204,9 +199,8 @@ def plot_overlays(image: np.ndarray,
         axes.set_title(name, fontsize=8)
         axes.set_xticks([])
         axes.set_yticks([])
-        if index == 0 and top5:
-            text = '\n'.join(f'{n}: {100 * p:.1f}%' for n, p in top5)
-            axes.set_xlabel(text, fontsize=7, loc='left')
+        if index == 0 and caption:
+            axes.set_xlabel(caption, fontsize=7, loc='left')
     figure.suptitle(title, fontsize=10)
     return _save(figure, path)
 
@@ -214,4 +208,4 @@ def plot_overlays(image: np.ndarray,
 def _rectangle(origin, width, height):
     from matplotlib.patches import Rectangle
     return Rectangle(origin, width, height, fill=False, edgecolor='red',
-                     linewidth=1.0)
+                     linewidth=1.2)
