@@ -76,7 +76,8 @@ def select_moe_layers(model: nn.Module,
             f'layer ({", ".join(c.__name__ for c in RECORDABLE)})')
     if not selection:
         return layers
-    backbone = getattr(getattr(model, 'module', model), 'backbone', None)
+    model = getattr(model, 'module', model)
+    backbone = getattr(model, 'backbone', model)
     blocks = tuple(getattr(backbone, 'moe_layers', ()) or ())
     chosen = {}
     for item in selection:
