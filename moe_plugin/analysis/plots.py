@@ -6,12 +6,12 @@ the caller's backend is left alone. Each file is written to a temporary
 name and renamed.
 """
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout=None):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -19,7 +19,7 @@ def _figure(width: float, height: float):
         raise ImportError(
             'the analysis plots need matplotlib (installed with mmengine): '
             'pip install matplotlib') from error
-    figure = Figure(figsize=(width, height), dpi=110)
+    figure = Figure(figsize=(width, height), dpi=110, layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
@@ -156,8 +156,7 @@ def plot_overlays(picture: np.ndarray,
                   grid: tuple,
                   panels: Sequence[tuple],
                   path: str,
-                  title: str,
-                  caption: Optional[str] = None) -> str:
+                  title: str) -> str:
     """The input and one panel per expert over it.
 
     Args:
@@ -168,8 +167,7 @@ def plot_overlays(picture: np.ndarray,
             as a heat overlay, ``outline`` an optional ``[rows * cols]`` bool
             mask of patches outlined in red (dropped).
         path (str): the PNG to write.
-        title (str): the figure title.
-        caption (str, optional): text under the input (the top-5 classes).
+        title (str): the figure title (may hold several lines).
 
     Returns:
         str: ``path``.
@@ -177,7 +175,7 @@ def plot_overlays(picture: np.ndarray,
     rows, cols = grid
     per_row = min(len(panels) + 1, 6)
     lines = -(-(len(panels) + 1) // per_row)
-    figure = _figure(2.3 * per_row, 2.5 * lines + 0.6)
+    figure = _figure(2.3 * per_row, 2.4 * lines + 0.5, layout='constrained')
     height, width = picture.shape[:2]
     cell_h, cell_w = height / rows, width / cols
     everything = [('input', None, None)] + list(panels)
@@ -199,9 +197,7 @@ def plot_overlays(picture: np.ndarray,
         axes.set_title(name, fontsize=8)
         axes.set_xticks([])
         axes.set_yticks([])
-        if index == 0 and caption:
-            axes.set_xlabel(caption, fontsize=7, loc='left')
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(title, fontsize=9)
     return _save(figure, path)
 
 

@@ -60,6 +60,12 @@ def parse_args(argv=None):
         '--bpr',
         choices=['on', 'off'],
         help='test-time Batch Priority Routing')
+    parser.add_argument(
+        '--max-experts',
+        type=int,
+        default=16,
+        help='panels for at most this many experts per layer, those with '
+        'the largest share of the image (default 16; the JSON has all)')
     parser.add_argument('--out', required=True, help='output directory')
     parser.add_argument(
         '--force', action='store_true', help='overwrite existing outputs')
@@ -67,18 +73,29 @@ def parse_args(argv=None):
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, key=value pairs')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_experts < 1:
+        parser.error(f'--max-experts must be >= 1, got {args.max_experts}')
+    return args
 
 
-def panels_of(masks, num_experts):
+def shown_experts(routing, max_experts):
+    """The experts with the largest share of the image, in index order."""
+    share = routing.weights[0].sum(0)
+    if share.numel() <= max_experts:
+        return list(range(share.numel()))
+    return sorted(share.topk(max_experts).indices.tolist())
+
+
+def panels_of(masks, experts):
     """``(name, weights, outline)`` panels of one layer's masks."""
     panels = []
     if masks['kind'] == 'soft':
-        for e in range(num_experts):
+        for e in experts:
             panels.append((f'expert {e}', masks['dispatch'][e], None))
         return panels
     dropped = masks.get('dropped')
-    for e in range(num_experts):
+    for e in experts:
         outline = None if dropped is None else dropped[e]
         count = int(masks['taken'][e].sum())
         name = f'expert {e}\n{count} taken'
@@ -124,24 +141,27 @@ def main(argv=None):
     names = class_names(model, probabilities.numel())
     scores, indices = probabilities.topk(min(5, probabilities.numel()))
     top5 = [(names[i], float(p)) for p, i in zip(scores, indices)]
-    caption = '\n'.join(f'{n}: {100 * p:.1f}%' for n, p in top5)
+    ranking = ', '.join(f'{n} {100 * p:.1f}%' for n, p in top5)
     report = dict(image=args.image, top5=top5, layers={})
     for name, routing in records.items():
         (rows, cols), extra = token_grid(model, routing.weights.shape[1])
         masks = expert_masks(routing, extra)
         num_experts = routing.weights.shape[-1]
+        experts = shown_experts(routing, args.max_experts)
         layer = layers[name]
         detail = routing.kind.replace('_', ' ')
         if routing.kind == 'token_choice':
             detail += (f', K={layer.eval_top_k}, '
                        f'c={layer.eval_capacity_factor:g}, BPR '
                        f"{'on' if layer.eval_batch_priority else 'off'}")
+        if len(experts) < num_experts:
+            detail += (f'; the {len(experts)} of {num_experts} experts '
+                       'with most of the image')
         plot_overlays(
-            picture, (rows, cols), panels_of(masks, num_experts),
+            picture, (rows, cols), panels_of(masks, experts),
             paths[f'overlay_{name}.png'],
-            title=f'{osp.basename(args.image)}: {name} ({detail}), '
-            f'top-1 {top5[0][0]}',
-            caption=caption)
+            title=f'{osp.basename(args.image)}: {name} ({detail})\n'
+            f'top-5: {ranking}')
         entry = dict(kind=routing.kind, grid=[rows, cols],
                      extra_tokens=extra)
         if routing.kind == 'soft':
@@ -157,7 +177,7 @@ def main(argv=None):
                                         for m in masks['extra_taken']]
         report['layers'][name] = entry
     write_json(paths['overlay.json'], report)
-    print('top-5: ' + ', '.join(f'{n} {100 * p:.1f}%' for n, p in top5))
+    print(f'top-5: {ranking}')
     print(f'written: {", ".join(paths.values())}')
     return report
 
