@@ -281,8 +281,9 @@ class RoutingRecorder:
             top_k = assignment.expert_index.shape[-1]
             index = assignment.expert_index.reshape(-1, top_k)
             kept = assignment.kept.reshape(-1, top_k)
-            if dispatcher.kept is not None and not torch.equal(
-                    kept, dispatcher.kept.reshape(-1, top_k)):
+            recorded = getattr(dispatcher, 'kept', None)
+            if recorded is not None and not torch.equal(
+                    kept, recorded.reshape(-1, top_k)):
                 raise RuntimeError(
                     f'the recomputed routing of {layer.router_type} layer '
                     'disagrees with its dispatcher: the router no longer '

@@ -106,3 +106,20 @@ def test_find_and_select_layers():
         img_size=8, patch_size=4, moe_layers=[])
     with pytest.raises(ValueError, match='has no MoE layer'):
         select_moe_layers(dense)
+
+
+def test_recorder_notices_a_router_it_no_longer_matches(monkeypatch):
+    import moe_plugin.analysis.recording as recording
+    from moe_plugin.layers import assign_top_k
+    torch.manual_seed(0)
+    layer = SparseMoE(16, 32, num_experts=4, top_k=1,
+                      eval_capacity_factor=0.25)
+    layer.eval()
+    # A recomputation that serves tokens in another order than the router.
+    monkeypatch.setattr(
+        recording, 'assign_top_k',
+        lambda gates, k, capacity, bpr, renorm: assign_top_k(
+            gates, k, capacity, not bpr, renorm))
+    with pytest.raises(RuntimeError, match='disagrees with its dispatcher'):
+        with RoutingRecorder(layer, {'moe': layer}):
+            layer(torch.randn(2, 64, 16))
