@@ -80,4 +80,12 @@ auto_scale_lr = dict(base_batch_size=128)
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),
     checkpoint=dict(type='CheckpointHook', interval=5, max_keep_ckpts=2))
+# Per-layer expert load, dropped fraction, router entropy and aux losses
+# every 10 iterations: <work_dir>/<run>/vis_data/scalars.json, and
+# TensorBoard where it is installed.
+custom_hooks = [dict(type='MoERoutingLoggerHook', interval=10)]
+visualizer = dict(vis_backends=[
+    dict(type='LocalVisBackend'),
+    dict(type='OptionalTensorboardVisBackend')
+])
 randomness = dict(seed=0)

@@ -1,4 +1,7 @@
 """Registered MMEngine hooks and optimizer constructors of moe_plugin."""
-from .hooks import RandomStateHook
+from .hooks import (MoERoutingLoggerHook, OptionalTensorboardVisBackend,
+                    RandomStateHook)
 
-__all__ = ['RandomStateHook']
+__all__ = [
+    'RandomStateHook', 'MoERoutingLoggerHook', 'OptionalTensorboardVisBackend'
+]
