@@ -44,6 +44,7 @@ setup(
         'lite': ['mmcv-lite>=2.0.0rc4,<2.4'],
         'entmax': ['entmax>=1.1'],
         'graph': ['networkx', 'scikit-learn', 'pymetis'],
+        'tensorboard': ['tensorboard'],
         'dev': ['pytest', 'flake8', 'isort', 'yapf', 'scikit-learn',
                 'entmax>=1.1', 'networkx'],
     },

@@ -122,12 +122,18 @@ def test_bad_interval():
         MoERoutingLoggerHook(interval=0)
 
 
-def test_tensorboard_backend_is_a_no_op_without_tensorboard(tmp_path):
-    backend = OptionalTensorboardVisBackend(str(tmp_path))
+def test_tensorboard_backend_warns_and_does_nothing_without_tensorboard(
+        tmp_path, monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, 'find_spec', lambda name, *args: None
+        if name == 'tensorboard' else find_spec(name, *args))
+    with pytest.warns(UserWarning, match=r"moe_plugin\[tensorboard\]"):
+        backend = OptionalTensorboardVisBackend(str(tmp_path))
     backend.add_scalars({'a': 1.0}, step=1)
     backend.close()
-    if not backend.available:
-        assert not list(tmp_path.iterdir())
+    assert not backend.available and not list(tmp_path.iterdir())
 
 
 def test_training_run_writes_the_scalars_json(tiny_moe_config, tmp_path):

@@ -14,6 +14,7 @@ sparse layer (the clean gates for the entropy) or one re-run of a soft
 layer's routing weights, and a single host copy of all values.
 """
 import importlib.util
+import warnings
 from typing import Dict, List
 
 import torch
@@ -136,9 +137,10 @@ class MoERoutingLoggerHook(Hook):
 @VISBACKENDS.register_module()
 class OptionalTensorboardVisBackend(TensorboardVisBackend):
     """MMEngine's ``TensorboardVisBackend`` where ``tensorboard`` is
-    installed, and a silent no-op where it is not, so that one config logs
-    to TensorBoard on machines that have it and still runs on those that
-    do not (``LocalVisBackend`` writes the JSON in both cases).
+    installed (``pip install moe_plugin[tensorboard]``); where it is not, a
+    warning once and nothing more, so that one config logs to TensorBoard on
+    machines that have it and still runs on those that do not
+    (``LocalVisBackend`` writes the JSON in both cases).
 
     Args:
         save_dir (str): The root directory to save the files produced by the
@@ -148,6 +150,13 @@ class OptionalTensorboardVisBackend(TensorboardVisBackend):
     def __init__(self, save_dir: str):
         super().__init__(save_dir)
         self.available = importlib.util.find_spec('tensorboard') is not None
+        if not self.available:
+            warnings.warn(
+                'tensorboard is not installed, so '
+                'OptionalTensorboardVisBackend logs nothing; install the '
+                'extra: pip install '
+                "'moe_plugin[tensorboard]' (the JSON scalars are still "
+                'written by LocalVisBackend)')
 
     def add_config(self, config, **kwargs) -> None:
         if self.available:
