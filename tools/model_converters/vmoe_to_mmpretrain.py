@@ -17,6 +17,7 @@ Examples:
 import argparse
 import os.path as osp
 import sys
+import textwrap
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
@@ -118,14 +119,16 @@ def main(argv=None):
         if args.config_out:
             shown = ('none (Soft MoE)' if arch.moe_type == 'soft' else
                      ', '.join(f'{k}={v}' for k, v in routing.items()))
-            config = config_text(
-                model_cfg, arch.img_size,
-                HEADER.format(
-                    prefix=args.prefix,
-                    out=args.out,
-                    arch=', '.join(f'{k}={v}'
-                                   for k, v in arch._asdict().items()),
-                    routing=shown))
+            header = HEADER.format(
+                prefix=args.prefix,
+                out=args.out,
+                arch=', '.join(f'{k}={v}'
+                               for k, v in arch._asdict().items()),
+                routing=shown)
+            header = '\n'.join(
+                '\n'.join(textwrap.wrap(line, 79, subsequent_indent='#   '))
+                for line in header.splitlines())
+            config = config_text(model_cfg, arch.img_size, header)
         save_converted(state, args.out, config, args.config_out, args.force)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f'error: {error}')
