@@ -60,7 +60,10 @@ def test_pipeline(img_size: int) -> list:
     ]
 
 
-def config_text(model_cfg: dict, img_size: int, header: str) -> str:
+def config_text(model_cfg: dict,
+                img_size: int,
+                header: str,
+                pipeline: Optional[list] = None) -> str:
     """A complete MMPretrain config: our runtime, the model, and ImageNet
     evaluation (``data/imagenet``, split ``val``) at ``img_size``.
 
@@ -68,6 +71,8 @@ def config_text(model_cfg: dict, img_size: int, header: str) -> str:
         model_cfg (dict): the ``model`` config.
         img_size (int): evaluation resolution.
         header (str): comment lines put first (each starting with ``#``).
+        pipeline (list, optional): the test pipeline. Defaults to None:
+            :func:`test_pipeline` of ``img_size``.
 
     Returns:
         str: Python source, self-contained (the runtime base is merged in).
@@ -80,7 +85,7 @@ def config_text(model_cfg: dict, img_size: int, header: str) -> str:
             type='ImageNet',
             data_root='data/imagenet',
             split='val',
-            pipeline=test_pipeline(img_size)),
+            pipeline=pipeline or test_pipeline(img_size)),
         sampler=dict(type='DefaultSampler', shuffle=False))
     body = '\n'.join([
         f'_base_ = [{RUNTIME_BASE!r}]',

@@ -606,6 +606,33 @@ def model_config(arch: VMoEArch, **routing) -> dict:
             to_rgb=True))
 
 
+def vmoe_test_pipeline(img_size: int) -> list:
+    """V-MoE's ImageNet evaluation preprocessing: at 224 px
+    ``resize_small(256)|central_crop(224)`` (its from-scratch configs),
+    otherwise ``resize(img_size)`` to a square (its 384 px fine-tuning
+    configs); bilinear, as ``tf.image.resize``. Pixels go to [-1, 1] in the
+    data preprocessor."""
+    if img_size == 224:
+        resize = [
+            dict(
+                type='ResizeEdge',
+                scale=256,
+                edge='short',
+                backend='pillow',
+                interpolation='bilinear'),
+            dict(type='CenterCrop', crop_size=224)
+        ]
+    else:
+        resize = [
+            dict(
+                type='Resize',
+                scale=(img_size, img_size),
+                backend='pillow',
+                interpolation='bilinear')
+        ]
+    return [dict(type='LoadImageFromFile'), *resize, dict(type='PackInputs')]
+
+
 def convert_vmoe(prefix: str, **routing) -> Tuple[Dict[str, Tensor], dict,
                                                   VMoEArch]:
     """Read a V-MoE checkpoint and convert it.

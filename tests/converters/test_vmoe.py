@@ -243,3 +243,50 @@ def test_unknown_architecture(tmp_path):
     _cli_fails(prefix, tmp_path, 'unknown architecture')
     with pytest.raises(FileNotFoundError, match='index'):
         read_vmoe_checkpoint(str(tmp_path / 'nothing'))
+
+
+def test_converted_config_evaluates_with_tools_test(tmp_path,
+                                                    tiny_image_folder):
+    """tools/test.py on the written config gives V-MoE's predictions."""
+    import pickle
+    import subprocess
+
+    from PIL import Image
+    params = make_params(8, depth=2, moe_blocks=(1, ))
+    prefix, expected = write(tmp_path, params)
+    out, cfg_path = str(tmp_path / 'w.pth'), str(tmp_path / 'converted.py')
+    vmoe_cli.main([prefix, out, '--config-out', cfg_path,
+                   '--eval-capacity-factor', '0.5'])
+    local = tmp_path / 'local.py'
+    local.write_text(
+        f'_base_ = [{cfg_path!r}]\n'
+        'test_dataloader = dict(batch_size=4, num_workers=0, dataset=dict('
+        f"_delete_=True, type='CustomDataset', data_root="
+        f"{tiny_image_folder!r}, data_prefix='val', "
+        "pipeline={{_base_.test_dataloader.dataset.pipeline}}))\n")
+    preds = tmp_path / 'preds.pkl'
+    proc = subprocess.run([
+        sys.executable,
+        osp.join(REPO_ROOT, 'tools', 'test.py'),
+        str(local), out, '--work-dir',
+        str(tmp_path / 'work'), '--out',
+        str(preds), '--eval-group-size', '2'
+    ], cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    with open(preds, 'rb') as f:
+        results = pickle.load(f)
+    assert len(results) == 8
+    # V-MoE on the same images: RGB scaled to [-1, 1], groups of 2 images
+    # in the order the (unshuffled) loader batches them.
+    paths = [r['img_path'] for r in results]
+    batch = torch.stack([
+        torch.from_numpy(np.asarray(Image.open(p).convert('RGB'),
+                                    np.float32)).permute(2, 0, 1)
+        for p in paths
+    ]) / 127.5 - 1
+    reference = vmoe_forward(expected, batch, 2, 0.5, 2).softmax(-1)
+    for result, score in zip(results, reference):
+        torch.testing.assert_close(result['pred_score'].double(), score,
+                                   rtol=1e-4, atol=1e-5)

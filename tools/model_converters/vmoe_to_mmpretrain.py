@@ -101,7 +101,7 @@ def main(argv=None):
     from moe_plugin.converters.output import (build_checked_model,
                                               check_outputs, config_text,
                                               save_converted)
-    from moe_plugin.converters.vmoe import convert_vmoe
+    from moe_plugin.converters.vmoe import convert_vmoe, vmoe_test_pipeline
     try:
         check_outputs([args.out, args.config_out], args.force)
         routing = dict(
@@ -128,7 +128,8 @@ def main(argv=None):
             header = '\n'.join(
                 '\n'.join(textwrap.wrap(line, 79, subsequent_indent='#   '))
                 for line in header.splitlines())
-            config = config_text(model_cfg, arch.img_size, header)
+            config = config_text(model_cfg, arch.img_size, header,
+                                 vmoe_test_pipeline(arch.img_size))
         save_converted(state, args.out, config, args.config_out, args.force)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         sys.exit(f'error: {error}')
