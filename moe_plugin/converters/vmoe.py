@@ -463,6 +463,11 @@ def vmoe_to_mmpretrain(
     kinds = {}
     for block, names in moe.items():
         if 'Router/dense/kernel' in names:
+            if names['Router/dense/kernel'].ndim != 2:
+                raise ValueError(
+                    f'MoE block {block}: Router/dense/kernel of shape '
+                    f"{names['Router/dense/kernel'].shape} is not (D, E): an "
+                    'E3 ensemble router (unknown architecture, not supported)')
             kind = 'sparse'
             experts, slots = names['Router/dense/kernel'].shape[1], 0
         elif 'Router/mu' in names:

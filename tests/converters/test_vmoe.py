@@ -241,6 +241,12 @@ def test_unknown_architecture(tmp_path):
     del params['embedding/kernel']
     prefix, _ = write(tmp_path, params, name='noembed')
     _cli_fails(prefix, tmp_path, 'unknown architecture')
+    # E3 (ensembles of experts): the router kernel is (D, M, E / M).
+    params = make_params(7, depth=2, moe_blocks=(1, ))
+    params['Encoder/encoderblock_1/Moe/Router/dense/kernel'] = np.zeros(
+        (32, 2, 2), np.float32)
+    prefix, _ = write(tmp_path, params, name='eee')
+    _cli_fails(prefix, tmp_path, 'E3 ensemble')
     with pytest.raises(FileNotFoundError, match='index'):
         read_vmoe_checkpoint(str(tmp_path / 'nothing'))
 
