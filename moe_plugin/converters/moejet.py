@@ -27,7 +27,10 @@ The dense rest uses timm's names and goes through
 present means ``'token'`` (final norm, then the class token).
 
 The single-path layer (``SoftMoELayerWrapper``, its Soft MoE baseline:
-one ``scale`` multiplying the queries) is not supported and refused by name.
+``phi``, one ``scale`` multiplying the queries, ``experts.*``, optional
+``slot_norm``) becomes a ``SpheroMoE(single_scale=True)``: with the slot
+LayerNorm the keys are not normalised and the queries get no ℓ2, without it
+both are ℓ2-normalised; softmax combine.
 """
 import re
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -38,11 +41,10 @@ from torch import Tensor
 MIN_TEMPERATURE = 1e-3
 
 _MOE_RE = re.compile(
-    r'^blocks\.(\d+)\.mlp\.(phi|slot_norm\.(weight|bias)|scales\.[01]|'
-    r'(core|univ)_experts\.(vit_fc[12]\.(weight|bias)|'
+    r'^blocks\.(\d+)\.mlp\.(phi|slot_norm\.(weight|bias)|scales\.[01]|scale|'
+    r'(core_|univ_|)experts\.(vit_fc[12]\.(weight|bias)|'
     r'scale_(in|out)\.(gamma|beta)))$')
 _LAYER_SCALE_RE = re.compile(r'^blocks\.(\d+)\.ls([12])\.gamma$')
-_SINGLE_PATH_RE = re.compile(r'^blocks\.\d+\.mlp\.(scale$|experts\.|norm\.)')
 
 
 class MoEJetArch(NamedTuple):
@@ -61,6 +63,7 @@ class MoEJetArch(NamedTuple):
         core_hidden, univ_hidden (int): expert hidden widths.
         slot_layernorm (bool): slot LayerNorm present.
         expert_layer_scale (bool): ``scale_in`` / ``scale_out`` present.
+        single_path (bool): the single-path layer (one ``scale``).
         num_classes (int): classes of ``head``.
     """
     embed_dims: int
@@ -81,6 +84,7 @@ class MoEJetArch(NamedTuple):
     univ_hidden: int
     slot_layernorm: bool
     expert_layer_scale: bool
+    single_path: bool
     num_classes: int
 
 
@@ -121,12 +125,6 @@ def moejet_to_mmpretrain(
         :class:`MoEJetArch`.
     """
     from moe_plugin.recycling.formats import timm_to_canonical
-    single = sorted(k for k in state if _SINGLE_PATH_RE.match(k))
-    if single:
-        raise ValueError(
-            'single-path MoE Jetpack layers (SoftMoELayerWrapper: one '
-            "'scale' multiplying the queries) are not supported; found "
-            f'{single[:4]}')
     for key in ('patch_embed.proj.weight', 'pos_embed', 'head.weight'):
         if key not in state:
             raise ValueError(f'not a MoE Jetpack ViT classifier: no {key!r}; '
@@ -151,22 +149,40 @@ def moejet_to_mmpretrain(
 
     moe_shapes = {}
     for block, params in sorted(moe.items()):
-        required = ('phi', 'scales.0', 'scales.1', 'core_experts.vit_fc1.'
-                    'weight', 'core_experts.vit_fc1.bias',
-                    'core_experts.vit_fc2.weight', 'core_experts.vit_fc2.bias')
+        # The single path (SoftMoELayerWrapper) has one `scale` and one
+        # expert group `experts`: our single_scale layer's core group.
+        single = 'scale' in params or any(
+            k.startswith('experts.') for k in params)
+        if single:
+            params = {(f'core_{k}' if k.startswith('experts.') else k): v
+                      for k, v in params.items()}
+        scale_names = ('scale', ) if single else ('scales.0', 'scales.1')
+        required = ('phi', *scale_names, 'core_experts.vit_fc1.weight',
+                    'core_experts.vit_fc1.bias', 'core_experts.vit_fc2.weight',
+                    'core_experts.vit_fc2.bias')
         missing = [n for n in required if n not in params]
-        if missing:
-            raise ValueError(f'MoE block {block} lacks {missing}')
-        for i in (0, 1):
-            value = float(params[f'scales.{i}'])
-            if not value > MIN_TEMPERATURE:
-                raise ValueError(
-                    f'blocks.{block}.mlp.scales.{i} = {value}: our SpheroMoE '
-                    f'clamps temperatures at {MIN_TEMPERATURE}')
+        extra = [
+            n for n in params
+            if n.startswith('scale') and n not in scale_names or (
+                single and n.startswith('univ_experts.'))
+        ]
+        if missing or extra:
+            problems = ([f'lacks {missing}'] if missing else []) + (
+                [f'has unexpected {extra}'] if extra else [])
+            raise ValueError(
+                f'MoE block {block} ({"single" if single else "dual"} '
+                f'path) {"; ".join(problems)}')
+        if not single:
+            for i in (0, 1):
+                value = float(params[f'scales.{i}'])
+                if not value > MIN_TEMPERATURE:
+                    raise ValueError(
+                        f'blocks.{block}.mlp.scales.{i} = {value}: our '
+                        f'SpheroMoE clamps temperatures at {MIN_TEMPERATURE}')
         prefix = f'backbone.layers.{block}.ffn.'
         out[prefix + 'phi'] = params['phi']
-        out[prefix + 'scales.0'] = params['scales.0'].reshape(())
-        out[prefix + 'scales.1'] = params['scales.1'].reshape(())
+        for name in scale_names:
+            out[prefix + name] = params[name].reshape(())
         for name in ('weight', 'bias'):
             if f'slot_norm.{name}' in params:
                 out[prefix + f'slot_norm.{name}'] = params[f'slot_norm.{name}']
@@ -195,7 +211,7 @@ def moejet_to_mmpretrain(
                              f'experts, the expert groups {core} + {univ}')
         moe_shapes[block] = (core, univ, phi.shape[1], core_hidden,
                              univ_hidden, 'slot_norm.weight' in params,
-                             'core_experts.scale_in.gamma' in params)
+                             'core_experts.scale_in.gamma' in params, single)
     if len(set(moe_shapes.values())) > 1:
         raise ValueError('MoE blocks of different sizes are not supported: '
                          f'{moe_shapes}')
@@ -228,8 +244,9 @@ def moejet_to_mmpretrain(
         raise ValueError('expected exactly one of norm (token pooling) and '
                          'fc_norm (mean pooling)')
     dense_blocks = [b for b in range(num_layers) if b not in moe]
-    core, univ, slots, core_hidden, univ_hidden, slot_ln, scale_io = next(
-        iter(moe_shapes.values()), (0, 0, 0, 0, 0, False, False))
+    (core, univ, slots, core_hidden, univ_hidden, slot_ln, scale_io,
+     single) = next(iter(moe_shapes.values()),
+                    (0, 0, 0, 0, 0, False, False, False))
     arch = MoEJetArch(
         embed_dims=int(dims),
         num_layers=num_layers,
@@ -251,6 +268,7 @@ def moejet_to_mmpretrain(
         univ_hidden=int(univ_hidden),
         slot_layernorm=bool(slot_ln),
         expert_layer_scale=bool(scale_io),
+        single_path=bool(single),
         num_classes=int(state['head.weight'].shape[0]))
     if arch.embed_dims % arch.num_heads:
         raise ValueError(f'num_heads={arch.num_heads} does not divide '
@@ -289,7 +307,20 @@ def model_config(arch: MoEJetArch) -> dict:
         # Any non-zero value creates the parameters; the checkpoint fills
         # them (timm's default init is 1e-5).
         backbone['layer_scale_init_value'] = 1e-5
-    if arch.moe_layers:
+    if arch.moe_layers and arch.single_path:
+        # SoftMoELayerWrapper: with the slot LayerNorm neither keys nor
+        # queries are l2-normalised; softmax combine.
+        moe_cfg = dict(
+            type='SpheroMoE',
+            num_experts=arch.core_experts,
+            slots_per_expert=arch.slots_per_expert,
+            single_scale=True,
+            normalize_keys=not arch.slot_layernorm,
+            normalize_queries=not arch.slot_layernorm,
+            slot_layernorm=arch.slot_layernorm,
+            combine='softmax',
+            expert_layer_scale=arch.expert_layer_scale)
+    elif arch.moe_layers:
         moe_cfg = dict(
             type='SpheroMoE',
             num_experts=arch.core_experts,
@@ -302,6 +333,7 @@ def model_config(arch: MoEJetArch) -> dict:
         if arch.univ_experts:
             # round(H * f) == univ_hidden exactly.
             moe_cfg['univ_factor'] = arch.univ_hidden / arch.core_hidden
+    if arch.moe_layers:
         if arch.core_hidden != arch.feedforward_channels:
             moe_cfg['feedforward_channels'] = arch.core_hidden
         backbone['moe_cfg'] = moe_cfg

@@ -24,7 +24,8 @@ DIM, HEADS, MLP, PATCH, IMG, CLASSES = 32, 2, 64, 4, 16, 7
 
 def moejet_state(seed=0, depth=4, moe_blocks=(2, 3), core=3, univ=6,
                  slots=2, pool='avg', layer_scale=True, slot_norm=True,
-                 expert_scales=False, qkv_bias=True, phi_std=1.0):
+                 expert_scales=False, qkv_bias=True, phi_std=1.0,
+                 single=False):
     """Random MoE Jetpack (timm-style) weights, its parameter names."""
     g = torch.Generator().manual_seed(seed)
 
@@ -64,11 +65,16 @@ def moejet_state(seed=0, depth=4, moe_blocks=(2, 3), core=3, univ=6,
             if slot_norm:
                 s[m + 'slot_norm.weight'] = 1 + normal(DIM, std=0.1)
                 s[m + 'slot_norm.bias'] = normal(DIM, std=0.1)
-            s[m + 'scales.0'] = torch.tensor(0.3)
-            s[m + 'scales.1'] = torch.tensor(0.15)
-            for group, count, hidden in (('core', core, MLP),
-                                         ('univ', univ, univ_hidden)):
-                e = m + f'{group}_experts.'
+            if single:  # SoftMoELayerWrapper: one scale, one group
+                s[m + 'phi'] = s[m + 'phi'][:core]
+                s[m + 'scale'] = torch.tensor(4.0)
+                groups = (('', core, MLP), )
+            else:
+                s[m + 'scales.0'] = torch.tensor(0.3)
+                s[m + 'scales.1'] = torch.tensor(0.15)
+                groups = (('core_', core, MLP), ('univ_', univ, univ_hidden))
+            for group, count, hidden in groups:
+                e = m + f'{group}experts.'
                 s[e + 'vit_fc1.weight'] = normal(count, hidden, DIM)
                 s[e + 'vit_fc1.bias'] = normal(count, hidden, std=0.1)
                 s[e + 'vit_fc2.weight'] = normal(count, DIM, hidden)
@@ -150,6 +156,24 @@ def dual_path(s, m, x):
     return combine @ out.reshape(-1, x.shape[-1])
 
 
+def single_path(s, m, x):
+    """One image ``[N, D]`` through SoftMoELayerWrapper: with the slot
+    LayerNorm keys raw and queries ``LN(phi) * scale``, without it both
+    l2-normalised; softmax dispatch and combine."""
+    if m + 'slot_norm.weight' in s:
+        key = x
+        query = layer_norm(s[m + 'phi'], s[m + 'slot_norm.weight'],
+                           s[m + 'slot_norm.bias'], 1e-5)
+    else:
+        key, query = l2norm(x), l2norm(s[m + 'phi'])
+    logits = torch.einsum('nd,esd->nes', key, query * s[m + 'scale'])
+    dispatch = logits.softmax(0)
+    combine = logits.reshape(x.shape[0], -1).softmax(-1)
+    slots = torch.einsum('nd,nes->esd', x, dispatch)
+    out = experts(s, m + 'experts.', slots)
+    return combine @ out.reshape(-1, x.shape[-1])
+
+
 def moejet_forward(state, images):
     """MoE Jetpack's timm ViT forward, float64, noise off."""
     s = {k: v.double() for k, v in state.items()}
@@ -171,7 +195,9 @@ def moejet_forward(state, images):
         attn = attn @ s[b + 'attn.proj.weight'].T + s[b + 'attn.proj.bias']
         x = x + attn * s.get(b + 'ls1.gamma', 1)
         h = layer_norm(x, s[b + 'norm2.weight'], s[b + 'norm2.bias'], 1e-6)
-        if b + 'mlp.phi' in s:
+        if b + 'mlp.scale' in s:
+            y = torch.stack([single_path(s, b + 'mlp.', t) for t in h])
+        elif b + 'mlp.phi' in s:
             y = torch.stack([dual_path(s, b + 'mlp.', t) for t in h])
         else:
             y = F.gelu(h @ s[b + 'mlp.fc1.weight'].T + s[b + 'mlp.fc1.bias'])
@@ -203,6 +229,9 @@ def build(state, arch_heads=HEADS):
     dict(phi_std=0.003),
     dict(pool='token', layer_scale=False, slots=1, qkv_bias=False),
     dict(slot_norm=False, expert_scales=True, moe_blocks=(1, 3)),
+    # The single path (its Soft MoE baseline), with and without slot LN.
+    dict(single=True, phi_std=0.5),
+    dict(single=True, slot_norm=False, expert_scales=True),
 ])
 def test_logits_match_moejet_equations(kwargs):
     state = moejet_state(**kwargs)
@@ -211,7 +240,8 @@ def test_logits_match_moejet_equations(kwargs):
     torch.testing.assert_close(
         model(x, mode='tensor').double(), moejet_forward(state, x),
         rtol=1e-4, atol=1e-4)
-    assert arch.core_experts == 3 and arch.univ_experts == 6
+    assert arch.core_experts == 3
+    assert arch.univ_experts == (0 if kwargs.get('single') else 6)
     # The reference is sensitive: entmax-1.5 combine, not a softmax.
     combine = torch.tensor([[3.0, 2.0, -2.0]])
     assert entmax15_bisect(combine[0])[2] == 0
@@ -278,7 +308,8 @@ def test_bad_input(tmp_path):
     _fails(tmp_path, state, 'phi_key_proj')
     state = moejet_state(3)
     state['blocks.3.mlp.scale'] = torch.tensor(1.0)
-    _fails(tmp_path, state, 'single-path')
+    _fails(tmp_path, state,
+           r"single path\) has unexpected \['scales.0', 'scales.1', 'univ")
     state = moejet_state(3)
     state['blocks.3.mlp.scales.1'] = torch.tensor(-0.2)
     _fails(tmp_path, state, 'scales.1')
