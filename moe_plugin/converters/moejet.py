@@ -94,10 +94,13 @@ def normalize_keys(obj) -> Dict[str, Tensor]:
     ``TimmClassifier``); ``data_preprocessor.*`` entries are dropped."""
     from moe_plugin.recycling.formats import _unwrap
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
+        obj = obj['state_dict']
+    if isinstance(obj, dict):
         obj = {
             k: v
-            for k, v in obj['state_dict'].items()
-            if not k.startswith('data_preprocessor.')
+            for k, v in obj.items()
+            if not str(k).startswith(('data_preprocessor.',
+                                      'model.data_preprocessor.'))
         }
     state = _unwrap(obj)
     if any(k.startswith('model.') for k in state):

@@ -256,7 +256,10 @@ def test_key_layouts_and_cli(tmp_path, layout):
     state = moejet_state(1)
     obj = {
         'bare': state,
-        'model_prefix': {f'model.{k}': v for k, v in state.items()},
+        'model_prefix': {
+            **{f'model.{k}': v for k, v in state.items()},
+            'data_preprocessor.mean': torch.zeros(3)
+        },
         'state_dict': {
             'state_dict': {f'model.{k}': v for k, v in state.items()},
             'meta': {'epoch': 3}
