@@ -70,6 +70,50 @@ def compute_capacity(group_tokens: int,
     return capacity
 
 
+def stable_topk(x: Tensor, k: int, dim: int = -1) -> Tuple[Tensor, Tensor]:
+    """``torch.topk`` (largest first) whose exact ties go to the lower index.
+
+    jax's ``lax.top_k``, which vmoe uses, returns equal values in increasing
+    index order; ``torch.topk`` promises no order among them (CPU and CUDA
+    differ). Ties are common with a freshly zero router (all gates ``1/E``),
+    in bfloat16 and between identical tokens, and at an expert's capacity
+    boundary they decide which tokens it takes.
+
+    Floats of at most 32 bits are ranked by an integer key, one ``topk`` over
+    unique keys: ``key = b * n + (n - 1 - i)`` where ``b`` is the float32
+    value's bit pattern as an int32 made monotone (negative values have their
+    31 low bits flipped; ``x + 0.0`` first turns ``-0.0`` into ``+0.0``), ``i``
+    the index and ``n`` the length of ``dim``. ``b`` is strictly increasing in
+    the value, so ``a > a'`` gives ``b >= b' + 1`` and ``key - key' >=
+    n - (n - 1) > 0``: the key order is the value order wherever values
+    differ, and among equal values it is the reverse index order, so the
+    lower index comes first. ``|key| < 2^31 * n`` fits in int64. Float64 (no
+    room for the index) uses a stable descending sort instead, whose
+    preservation of the order of equal elements ``torch.sort`` documents on
+    every device.
+
+    Args:
+        x (Tensor): float scores.
+        k (int): how many to take.
+        dim (int): the dimension to rank along. Defaults to -1.
+
+    Returns:
+        tuple: ``(values, indices)``, as ``torch.topk(x, k, dim)``.
+    """
+    if x.dtype == torch.float64:
+        values, indices = torch.sort(x, dim=dim, descending=True, stable=True)
+        return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
+    length = x.shape[dim]
+    bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    shape = [1] * x.dim()
+    shape[dim] = length
+    reverse_index = torch.arange(
+        length - 1, -1, -1, device=x.device).view(shape)
+    indices = (bits * length + reverse_index).topk(k, dim=dim).indices
+    return x.gather(dim, indices), indices
+
+
 class TopKAssignment(NamedTuple):
     """Where each (token, choice) of a token-choice routing goes.
 
@@ -97,6 +141,7 @@ def assign_top_k(gates: Tensor,
     Every token's 1st choice gets a slot before any token's 2nd choice.
     Inside a choice rank tokens are served in group order, or with Batch
     Priority Routing in descending order of their largest gate (stable).
+    Equal gates rank the lower expert index first (:func:`stable_topk`).
 
     Args:
         gates (Tensor): ``[G, S, E]`` routing probabilities.
@@ -110,7 +155,7 @@ def assign_top_k(gates: Tensor,
         TopKAssignment: fields of shape ``[G, S, K]``.
     """
     groups, group_tokens, num_experts = gates.shape
-    weights, expert_index = gates.topk(top_k, dim=-1)
+    weights, expert_index = stable_topk(gates, top_k, dim=-1)
     if batch_priority:
         # weights[..., 0] is the largest gate, BPR's priority score.
         order = torch.sort(
@@ -342,7 +387,9 @@ class NoisyTopItemsPerExpert(RouterLinear):
             logits = logits + (self.noise_std / num_experts) * \
                 torch.randn_like(logits)
         gates = logits.softmax(-1)
-        weights, token_index = gates.transpose(1, 2).topk(capacity, dim=-1)
+        # Equal gates: the lower token index first (:func:`stable_topk`).
+        weights, token_index = stable_topk(
+            gates.transpose(1, 2), capacity, dim=-1)
         with torch.no_grad():
             taken = torch.zeros(groups, group_tokens, device=x.device)
             taken.scatter_(1, token_index.reshape(groups, -1), 1.0)

@@ -21,6 +21,11 @@ Vision Tasks" (arXiv 2406.04801), to the numerics of its code
 - optional ``x * gamma + beta`` scales around each expert group
   (``expert_layer_scale``), dropout inside the experts and a per-sample drop
   path on the layer's output.
+- ``single_scale=True`` is its single path (``SoftMoELayerWrapper``, the
+  Soft MoE baseline): one learnable ``scale`` (init 1) multiplies the
+  queries, dispatch and combine share the logits; with its slot LayerNorm
+  the keys are not normalised and the queries get no ℓ2
+  (``normalize_keys=False, normalize_queries=False``).
 
 Parameters and their MoE Jetpack names: ``phi`` ``[E, p, D]`` (``phi``),
 ``slot_norm`` (``slot_norm``), ``scales.0``/``scales.1`` (``scales.0``,
@@ -104,6 +109,11 @@ class SpheroMoE(nn.Module):
         expert_layer_scale (bool): ``x * gamma + beta`` before and after each
             expert group. Defaults to False.
         act (str): 'gelu' (MoE Jetpack) or 'gelu_tanh'. Defaults to 'gelu'.
+        normalize_queries (bool): ℓ2-normalise the queries (after the slot
+            LayerNorm). Defaults to True.
+        single_scale (bool): one ``scale`` (init 1) multiplying the queries
+            instead of the two temperatures dividing the logits (MoE
+            Jetpack's single path). Defaults to False.
     """
 
     def __init__(self,
@@ -122,7 +132,9 @@ class SpheroMoE(nn.Module):
                  expert_drop: float = 0.0,
                  drop_path_rate: float = 0.0,
                  expert_layer_scale: bool = False,
-                 act: str = 'gelu'):
+                 act: str = 'gelu',
+                 normalize_queries: bool = True,
+                 single_scale: bool = False):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f'num_experts must be >= 1, got {num_experts}')
@@ -158,6 +170,7 @@ class SpheroMoE(nn.Module):
         self.num_experts = total
         self.slots_per_expert = int(slots_per_expert)
         self.normalize_keys = normalize_keys
+        self.normalize_queries = normalize_queries
         self.combine = combine
         self.min_temperature = min_temperature
         self.noise_mult = 1.0 / total if noise_mult is None else noise_mult
@@ -166,10 +179,14 @@ class SpheroMoE(nn.Module):
             torch.empty(total, self.slots_per_expert, embed_dims))
         self.slot_norm = (
             nn.LayerNorm(embed_dims) if slot_layernorm else nn.Identity())
-        self.scales = nn.ParameterList([
-            nn.Parameter(torch.tensor(float(temperature_init))),
-            nn.Parameter(torch.tensor(float(temperature_init)))
-        ])
+        if single_scale:
+            self.scale = nn.Parameter(torch.tensor(1.0))
+            self.scales = None
+        else:
+            self.scales = nn.ParameterList([
+                nn.Parameter(torch.tensor(float(temperature_init))),
+                nn.Parameter(torch.tensor(float(temperature_init)))
+            ])
         self.core_experts = BatchedExperts(num_experts, embed_dims,
                                            feedforward_channels, act,
                                            expert_drop)
@@ -200,6 +217,9 @@ class SpheroMoE(nn.Module):
 
     def temperatures(self):
         """Dispatch and combine temperatures, clamped to be positive."""
+        if self.scales is None:
+            raise AttributeError('a single_scale SpheroMoE has one `scale` '
+                                 'multiplying the queries, no temperatures')
         return (self.scales[0].clamp(min=self.min_temperature),
                 self.scales[1].clamp(min=self.min_temperature))
 
@@ -224,11 +244,17 @@ class SpheroMoE(nn.Module):
                 queries = F.layer_norm(queries, norm.normalized_shape,
                                        norm.weight.to(dtype),
                                        norm.bias.to(dtype), norm.eps)
-            queries = cosine_normalize(queries)
+            if self.normalize_queries:
+                queries = cosine_normalize(queries)
+            if self.scales is None:
+                queries = queries * self.scale.to(dtype)
             logits = torch.einsum('bnd,epd->bnep', keys, queries)
-            dispatch_temp, combine_temp = self.temperatures()
-            dispatch_logits = logits / dispatch_temp.to(dtype)
-            combine_logits = logits / combine_temp.to(dtype)
+            if self.scales is None:
+                dispatch_logits = combine_logits = logits
+            else:
+                dispatch_temp, combine_temp = self.temperatures()
+                dispatch_logits = logits / dispatch_temp.to(dtype)
+                combine_logits = logits / combine_temp.to(dtype)
             if self.training and self.noise_mult > 0:
                 noise = torch.randn_like(logits) * self.noise_mult
                 dispatch_logits = dispatch_logits + noise
@@ -278,4 +304,5 @@ class SpheroMoE(nn.Module):
         return (f'core={self.num_core_experts}, '
                 f'universal={self.num_universal_experts}, '
                 f'slots_per_expert={self.slots_per_expert}, '
-                f'combine={self.combine!r}, noise_mult={self.noise_mult:.4g}')
+                f'combine={self.combine!r}, noise_mult={self.noise_mult:.4g}'
+                + (', single_scale=True' if self.scales is None else ''))
