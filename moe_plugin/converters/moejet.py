@@ -92,7 +92,7 @@ def normalize_keys(obj) -> Dict[str, Tensor]:
     """The timm state dict inside a loaded MoE Jetpack file: bare keys,
     ``model.``-prefixed, under ``state_dict`` (MMPretrain's
     ``TimmClassifier``); ``data_preprocessor.*`` entries are dropped."""
-    from moe_plugin.recycling.formats import _unwrap
+    from moe_plugin.recycling.formats import unwrap_state_dict
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
         obj = obj['state_dict']
     if isinstance(obj, dict):
@@ -102,7 +102,7 @@ def normalize_keys(obj) -> Dict[str, Tensor]:
             if not str(k).startswith(('data_preprocessor.',
                                       'model.data_preprocessor.'))
         }
-    state = _unwrap(obj)
+    state = unwrap_state_dict(obj)
     if any(k.startswith('model.') for k in state):
         bare = [k for k in state if not k.startswith('model.')]
         if bare:
@@ -380,12 +380,12 @@ def convert_moejet(path: str, num_heads: Optional[int] = None
     import pickle
     import zipfile
 
-    from moe_plugin.recycling.formats import _load_torch
+    from moe_plugin.recycling.formats import load_torch_checkpoint
     if not osp.isfile(path):
         raise FileNotFoundError(f'MoE Jetpack checkpoint {path!r} does not '
                                 'exist')
     try:
-        obj = _load_torch(path)
+        obj = load_torch_checkpoint(path)
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError,
             RuntimeError) as error:
         raise ValueError(f'cannot read {path!r} (corrupt or truncated?): '

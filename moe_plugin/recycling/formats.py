@@ -221,7 +221,7 @@ def big_vision_to_canonical(arrays: Dict[str, np.ndarray]) -> DenseViT:
 
 
 # --- files -------------------------------------------------------------------
-def _unwrap(obj) -> Dict[str, Tensor]:
+def unwrap_state_dict(obj) -> Dict[str, Tensor]:
     """The tensor dict inside a loaded ``.pth`` (``state_dict``, ``model``
     or ``module`` wrappers; ``model.`` / ``module.`` key prefixes)."""
     for key in ('state_dict', 'model', 'module'):
@@ -236,7 +236,7 @@ def _unwrap(obj) -> Dict[str, Tensor]:
     return obj
 
 
-def _load_torch(path: str):
+def load_torch_checkpoint(path: str):
     """``torch.load(weights_only=True)``; a run checkpoint of our tools
     (message hub, numpy scalars) loads inside the scoped allow-list."""
     from moe_plugin.compat import run_checkpoint_scope
@@ -287,7 +287,7 @@ def load_dense_vit(path: str, fmt: Optional[str] = None) -> DenseViT:
             except Exception as error:  # safetensors' own error type
                 raise OSError(str(error)) from error
         else:
-            state = _unwrap(_load_torch(path))
+            state = unwrap_state_dict(load_torch_checkpoint(path))
     except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError,
             RuntimeError) as error:
         raise ValueError(f'cannot read dense checkpoint {path!r} (corrupt or '
