@@ -1,4 +1,10 @@
-"""Registered MMEngine hooks and optimizer constructors of moe_plugin."""
-from .hooks import RandomStateHook
+"""Registered MMEngine hooks, model wrappers and optimizer constructors of
+moe_plugin."""
+from .hooks import ExpertParallelHook, RandomStateHook
+from .model_wrapper import (MoEDistributedDataParallel,
+                            configure_expert_parallel)
 
-__all__ = ['RandomStateHook']
+__all__ = [
+    'ExpertParallelHook', 'RandomStateHook', 'MoEDistributedDataParallel',
+    'configure_expert_parallel'
+]

@@ -152,6 +152,18 @@ def _check_errors(world):
         SparseMoE(DIMS, HIDDEN, num_experts=odd, expert_parallel=True)
     with pytest.raises(ValueError, match='expert_parallel must be'):
         SparseMoE(DIMS, HIDDEN, expert_parallel='yes')
+    layer = SparseMoE(DIMS, HIDDEN, num_experts=2 * world,
+                      expert_parallel=True)
+    smaller = SparseMoE(DIMS, HIDDEN, num_experts=world).state_dict()
+    with pytest.raises(ValueError, match=f'with {world} experts, the model '
+                       f'{2 * world} experts'):
+        layer.load_state_dict(smaller)
+    # A full checkpoint loads as this rank's slice.
+    full = SparseMoE(DIMS, HIDDEN, num_experts=2 * world)
+    layer.load_state_dict(full.state_dict())
+    rank = dist.get_rank()
+    torch.testing.assert_close(layer.experts.w1,
+                               full.experts.w1[2 * rank:2 * rank + 2])
 
 
 def _spawn(world, ep_sizes, tmp_path):

@@ -1,3 +1,4 @@
+from .expert_parallel_hook import ExpertParallelHook
 from .random_state_hook import RandomStateHook
 
-__all__ = ['RandomStateHook']
+__all__ = ['ExpertParallelHook', 'RandomStateHook']
