@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from ..test_tools import (REPO_ROOT, free_port, load_run_checkpoint,
-                          run_tool, train)
+from ..test_tools import (REPO_ROOT, free_port, load_run_checkpoint, run_tool,
+                          train)
 
 EP = 'model.backbone.moe_cfg.expert_parallel=True'
 #: Validation at the end, so that the run logs an accuracy.
