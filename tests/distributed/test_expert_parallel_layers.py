@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_plugin.layers import SoftMoE, SparseMoE, SpheroMoE
+from moe_plugin.models.backbones import VisionMoE
 from moe_plugin.layers.expert_parallel import (expert_parameters,
                                                resolve_expert_parallel)
 
@@ -158,6 +159,22 @@ def _check_errors(world):
     with pytest.raises(ValueError, match=f'with {world} experts, the model '
                        f'{2 * world} experts'):
         layer.load_state_dict(smaller)
+    # The same through the backbone, whose shape check sees all experts.
+    def backbone(experts, ep):
+        return VisionMoE(
+            arch=dict(embed_dims=DIMS, num_layers=2, num_heads=2,
+                      feedforward_channels=HIDDEN), img_size=8,
+            patch_size=4, moe_layers=[1],
+            moe_cfg=dict(type='SparseMoE', num_experts=experts,
+                         expert_parallel=ep))
+    model = backbone(2 * world, True)
+    other = backbone(world, False).state_dict()
+    del other['layers.1.ffn.router.weight']  # checked first, and named
+    with pytest.raises(ValueError, match=rf'layers.1.ffn.experts.w1: '
+                       rf'checkpoint \({world}, {DIMS}, {HIDDEN}\) vs model '
+                       rf'\({2 * world}, {DIMS}, {HIDDEN}\)'):
+        model.load_state_dict(other)
+    model.load_state_dict(backbone(2 * world, False).state_dict())
     # A full checkpoint loads as this rank's slice.
     full = SparseMoE(DIMS, HIDDEN, num_experts=2 * world)
     layer.load_state_dict(full.state_dict())
