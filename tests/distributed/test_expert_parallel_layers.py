@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_plugin.layers import SoftMoE, SparseMoE, SpheroMoE
-from moe_plugin.models.backbones import VisionMoE
 from moe_plugin.layers.expert_parallel import (expert_parameters,
                                                resolve_expert_parallel)
+from moe_plugin.models.backbones import VisionMoE
 
 IMAGES, TOKENS, DIMS, HIDDEN = 8, 5, 16, 32
 
@@ -159,6 +159,7 @@ def _check_errors(world):
     with pytest.raises(ValueError, match=f'with {world} experts, the model '
                        f'{2 * world} experts'):
         layer.load_state_dict(smaller)
+
     # The same through the backbone, whose shape check sees all experts.
     def backbone(experts, ep):
         return VisionMoE(
