@@ -26,6 +26,7 @@ as before. Gradient averaging across ranks (dense parameters over all ranks,
 expert parameters over their replica group) is the model wrapper's work
 (``moe_plugin.engine.MoEDistributedDataParallel``).
 """
+import math
 import numbers
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -244,8 +245,9 @@ def shard_experts(experts: nn.Module,
     for name, param in list(experts.named_parameters(recurse=False)):
         local = param.detach()[shard.offset:shard.offset +
                                shard.num_local].clone()
-        setattr(experts, name,
-                nn.Parameter(local, requires_grad=param.requires_grad))
+        local = nn.Parameter(local, requires_grad=param.requires_grad)
+        local.expert_shard = shard  # for clip_grad_norm_
+        setattr(experts, name, local)
     experts.expert_shard = shard
     experts.register_load_state_dict_pre_hook(_slice_on_load)
     return shard
@@ -277,3 +279,79 @@ def full_parameter_shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
     for name, param, shard in expert_parameters(model):
         shapes[name] = (shard.num_experts, *param.shape[1:])
     return shapes
+
+
+def clip_grad_norm_(parameters,
+                    max_norm: float,
+                    norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False,
+                    foreach: Optional[bool] = None) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole model, of which
+    this rank holds only some experts.
+
+    The norm of the sharded expert gradients (parameters with an
+    ``expert_shard``) is reduced over each EP group, so that every rank
+    finds the norm of the whole model's gradient and clips by the same
+    factor (a rank-local norm would clip the shared dense parameters
+    differently on each rank). Expert gradients must already be the same
+    on the replicas (``MoEDistributedDataParallel`` does it). Without
+    sharded parameters it is torch's function.
+
+    Args:
+        parameters (Iterable[Tensor]): as torch's.
+        max_norm (float): as torch's.
+        norm_type (float): as torch's (``inf`` for the max norm).
+            Defaults to 2.
+        error_if_nonfinite (bool): as torch's. Defaults to False.
+        foreach (bool, optional): as torch's. Defaults to None.
+
+    Returns:
+        Tensor: the total norm of the whole model's gradients.
+    """
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    params = [p for p in parameters if p.grad is not None]
+    groups: Dict[int, Tuple[ExpertShard, list]] = {}
+    dense = []
+    for param in params:
+        shard = getattr(param, 'expert_shard', None)
+        if shard is None:
+            dense.append(param)
+        else:
+            groups.setdefault(id(shard.group), (shard, []))[1].append(param)
+    if not groups:
+        return torch.nn.utils.clip_grad_norm_(
+            params, max_norm, norm_type, error_if_nonfinite, foreach)
+    norm_type = float(norm_type)
+    device = params[0].grad.device
+    norms = [_local_norm(dense, norm_type, device)]
+    # The same order on every rank: groups by EP size, then by position.
+    for shard, members in sorted(groups.values(),
+                                 key=lambda g: (g[0].size, g[0].offset)):
+        local = _local_norm(members, norm_type, device)
+        if norm_type == math.inf:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=shard.group)
+        else:
+            local = local.pow(norm_type)
+            dist.all_reduce(local, group=shard.group)
+            local = local.pow(1.0 / norm_type)
+        norms.append(local)
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(
+            f'the total norm of order {norm_type} of the gradients is '
+            f'{total.item()}, which is not finite')
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for param in params:
+        param.grad.detach().mul_(coef.to(param.grad.device))
+    return total
+
+
+def _local_norm(params, norm_type: float, device) -> Tensor:
+    if not params:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(
+        torch.stack([
+            torch.linalg.vector_norm(p.grad.detach(), norm_type).to(device)
+            for p in params
+        ]), norm_type)

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_plugin.layers import SoftMoE, SparseMoE, SpheroMoE
-from moe_plugin.layers.expert_parallel import (expert_parameters,
+from moe_plugin.layers.expert_parallel import (clip_grad_norm_,
+                                               expert_parameters,
                                                resolve_expert_parallel)
 from moe_plugin.models.backbones import VisionMoE
 
@@ -108,6 +109,7 @@ def _check(name, ep_size):
         dropped = reference.moe_metrics['dropped_fraction']
         assert 0 < dropped < 1, f'{where}: no drops ({dropped})'
     ref_params = dict(reference.named_parameters())
+    averaged = {}
     for key, param in layer.named_parameters():
         ref = ref_params[key]
         if key in sharded:
@@ -117,15 +119,28 @@ def _check(name, ep_size):
             grad = param.grad.clone()
             if shard.replica_group is not None:
                 dist.all_reduce(grad, group=shard.replica_group)
-            grad = shard.gather(grad / world)
+            averaged[key] = grad / world
+            grad = shard.gather(averaged[key])
             weight = shard.gather(param.detach())
         else:
-            grad = _mean_over_ranks(param.grad)
+            grad = averaged[key] = _mean_over_ranks(param.grad)
             weight = param.detach()
         torch.testing.assert_close(weight, ref.detach(), rtol=0, atol=0,
                                    msg=f'{where}: {key} weights')
         torch.testing.assert_close(grad, ref.grad, **CLOSE,
                                    msg=f'{where}: {key} gradient')
+    # Clipping by the norm of the whole model's gradient.
+    for key, param in layer.named_parameters():
+        param.grad = averaged[key]
+    ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
+    norm = clip_grad_norm_(layer.parameters(), 0.01)
+    torch.testing.assert_close(norm, ref_norm, **CLOSE,
+                               msg=f'{where}: gradient norm')
+    for key, param in layer.named_parameters():
+        if key in sharded:
+            torch.testing.assert_close(
+                sharded[key][1].gather(param.grad), ref_params[key].grad,
+                **CLOSE, msg=f'{where}: {key} clipped gradient')
 
 
 def _worker(rank, world, init_file, ep_sizes):

@@ -19,8 +19,9 @@ from ..test_tools import (REPO_ROOT, free_port, load_run_checkpoint, run_tool,
                           train)
 
 EP = 'model.backbone.moe_cfg.expert_parallel=True'
-#: Validation at the end, so that the run logs an accuracy.
-OPTIONS = ('train_cfg.val_interval=6', )
+#: Validation at the end, so that the run logs an accuracy; gradients
+#: clipped (by the norm of the whole model's gradient, on every rank).
+OPTIONS = ('train_cfg.val_interval=6', 'optim_wrapper.clip_grad.max_norm=0.05')
 
 
 def dist_train(config, work_dir, *extra, options=()):

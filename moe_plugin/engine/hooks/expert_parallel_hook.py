@@ -22,7 +22,8 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 from mmpretrain.registry import HOOKS
 
-from moe_plugin.layers.expert_parallel import ExpertShard, expert_parameters
+from moe_plugin.layers.expert_parallel import (ExpertShard, clip_grad_norm_,
+                                               expert_parameters)
 
 
 def _optimizer_indices(optimizer: torch.optim.Optimizer) -> Dict[int, int]:
@@ -59,6 +60,9 @@ class ExpertParallelHook(Hook):
       tensor of the state dict from rank 0 after ``init_weights``, which
       would give every rank rank 0's experts: before the run starts the hook
       makes this runner broadcast all but the sharded tensors.
+    - Gradient clipping by norm uses the norm of the whole model's gradient
+      (:func:`~moe_plugin.layers.expert_parallel.clip_grad_norm_`), the
+      same on every rank.
 
     A checkpoint of a sharded model written without the gathering (e.g. by
     a direct ``runner.save_checkpoint``) raises ``RuntimeError`` rather than
@@ -104,6 +108,10 @@ class ExpertParallelHook(Hook):
                         broadcast(tensor)
 
         runner._init_model_weights = init_model_weights
+        wrapper = getattr(runner, 'optim_wrapper', None)
+        if (isinstance(wrapper, OptimWrapper) and getattr(
+                wrapper, 'clip_func', None) is torch.nn.utils.clip_grad_norm_):
+            wrapper.clip_func = clip_grad_norm_
 
     # -- saving ------------------------------------------------------------
     @staticmethod
