@@ -15,10 +15,11 @@ forward, backward, gradient synchronisation and an AdamW step.
 
 Per rank: tokens/s (median over ``--repeats`` after a warm-up), the bytes
 of the layer's weights, gradients and Adam moments (``state_mb``, from the
-tensors a rank holds), the bytes saved for the backward (``act_mb``), and
-the bytes each rank sends to the others in the exchanges of one step
-(``a2a_mb``, from the buffer's shape: ``4 * (W - 1) / W * E * C * D *
-bytes``). ``docs/scaling.md`` checks its analytic model against these.
+tensors a rank holds), the bytes saved for the backward (``act_mb``, the
+weights left out), and the bytes each rank sends to the others in the
+exchanges of one step (``a2a_mb``, counted at ``dist.all_to_all_single``).
+``tools/analysis/ep_scaling.py --check`` compares its analytic model with
+these.
 
 Usage::
 
@@ -46,19 +47,41 @@ DIMS, HIDDEN, TOP_K, FACTOR = 384, 1536, 2, 1.05
 IMAGES, TOKENS = 8, 50
 
 
-def _saved_bytes():
-    """A saved-tensors hook pair summing distinct storages."""
+def _saved_bytes(module):
+    """A saved-tensors hook summing the distinct storages saved for the
+    backward, the module's parameters left out."""
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen = {}
 
     def pack(tensor):
         try:
             storage = tensor.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, NotImplementedError):
-            pass
+            return tensor
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     return seen, pack
+
+
+def _count_all_to_all(world):
+    """Count the bytes this rank sends to others through
+    ``dist.all_to_all_single`` until the returned list is popped."""
+    original = dist.all_to_all_single
+    sent = [0.0]
+
+    def counting(output, input, *args, **kwargs):
+        sent[0] += input.numel() * input.element_size() * (world - 1) / world
+        return original(output, input, *args, **kwargs)
+
+    class Counter(list):
+        def pop(self):
+            dist.all_to_all_single = original
+            return sent[0]
+
+    dist.all_to_all_single = counting
+    return Counter()
 
 
 def _measure(mode, experts, device, repeats, warmup=2):
@@ -74,8 +97,11 @@ def _measure(mode, experts, device, repeats, warmup=2):
         capacity_factor=FACTOR, group_size=IMAGES,
         expert_parallel=(mode == 'ep')).to(device).train()
     shape = {}
-    layer.experts.register_forward_pre_hook(
-        lambda m, args: shape.setdefault('buffer', args[0].shape))
+
+    def record_buffer(module, args):
+        shape.setdefault('buffer', tuple(args[0].shape))
+
+    layer.experts.register_forward_pre_hook(record_buffer)
     if world > 1:
         wrapper = (MoEDistributedDataParallel
                    if mode == 'ep' else MMDistributedDataParallel)
@@ -102,8 +128,10 @@ def _measure(mode, experts, device, repeats, warmup=2):
             torch.cuda.synchronize()
 
     step()
-    seen, pack = _saved_bytes()
+    seen, pack = _saved_bytes(layer)
+    sent = _count_all_to_all(world)
     step(pack)
+    a2a = sent.pop()
     for _ in range(warmup):
         step()
     times = []
@@ -118,9 +146,6 @@ def _measure(mode, experts, device, repeats, warmup=2):
                            for p in layer.experts.parameters())
     sharded = bool(expert_parameters(layer))
     buffer = shape['buffer']  # [E, C, D], all experts, this rank's slots
-    element = torch.finfo(torch.float32).bits // 8
-    a2a = (4 * (world - 1) / world * buffer.numel() * element
-           if sharded else 0.0)
     grad_sync = (0 if world == 1 else
                  state // 4 - (expert_state // 4 if sharded else 0))
     return dict(

@@ -15,7 +15,8 @@ slots, padding included, as computed), and ``overhead = time_ratio /
 flops_ratio``: how much of the extra time is not explained by the extra
 arithmetic (spec 05's goal: <= 1.05). Memory: on CUDA the peak allocated
 during a step; on a CPU the bytes of the tensors saved for the backward
-(activations, measured with ``saved_tensors_hooks``) plus the weights,
+(activations, measured with ``saved_tensors_hooks``, the weights left
+out) plus the weights,
 gradients and two Adam moments (``state_mb``).
 
 Presets (dropout and drop path off in both models, so that the step is
@@ -174,16 +175,19 @@ def model_flops(model: Classifier, batch: int) -> float:
 
 # -- memory -----------------------------------------------------------------
 @contextlib.contextmanager
-def saved_bytes(record: list):
-    """Sum the bytes of distinct storages saved for the backward."""
+def saved_bytes(record: list, model: nn.Module):
+    """Sum the bytes of distinct storages saved for the backward, the
+    model's parameters left out (they are counted in the state)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
     def pack(tensor):
         try:
             storage = tensor.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
         except (RuntimeError, NotImplementedError):
-            pass
+            return tensor
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -202,7 +206,7 @@ def make_step(model, optimizer, images, labels, amp, device):
         optimizer.zero_grad(set_to_none=True)
         ctx = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                if amp else contextlib.nullcontext())
-        meter = saved_bytes(record) if record is not None else \
+        meter = saved_bytes(record, model) if record is not None else \
             contextlib.nullcontext()
         with ctx, meter:
             loss = model(images, labels)

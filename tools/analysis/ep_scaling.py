@@ -134,16 +134,19 @@ def analyse(backbone, batch, gpus):
 
 def check(path):
     """Formulas against ``benchmarks/expert_parallel.py``'s measurements."""
-    from benchmarks.expert_parallel import DIMS, HIDDEN
+    from benchmarks.expert_parallel import (DIMS, FACTOR, HIDDEN, IMAGES,
+                                            TOKENS, TOP_K)
+    from moe_plugin.layers.routing import compute_capacity
     with open(path) as f:
         measured = json.load(f)
     out = []
     for row in measured:
         ep_size = row['world'] if row['mode'] == 'ep' else 1
-        experts, slots, dims = row['buffer']
-        assert dims == DIMS
-        state = layer_state_bytes(DIMS, HIDDEN, row['experts'], ep_size)
-        a2a = a2a_bytes(experts, slots, dims, ep_size, element=4)
+        experts = row['experts']
+        # One routing group of all the rank's images.
+        slots = compute_capacity(IMAGES * TOKENS, experts, TOP_K, FACTOR)
+        state = layer_state_bytes(DIMS, HIDDEN, experts, ep_size)
+        a2a = a2a_bytes(experts, slots, DIMS, ep_size, element=4)
         out.append(dict(
             mode=row['mode'], world=row['world'],
             state_mb_model=round(state / 2**20, 2),
