@@ -201,7 +201,7 @@ def state_bytes(model: nn.Module) -> int:
 
 
 # -- timing -----------------------------------------------------------------
-def make_step(model, optimizer, images, labels, amp, device):
+def make_step(model, optimizer, images, labels, amp, device, optimize=True):
     def step(record=None):
         optimizer.zero_grad(set_to_none=True)
         ctx = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -211,7 +211,8 @@ def make_step(model, optimizer, images, labels, amp, device):
         with ctx, meter:
             loss = model(images, labels)
         loss.backward()
-        optimizer.step()
+        if optimize:
+            optimizer.step()
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
@@ -228,7 +229,8 @@ def peak_memory_mb(step, model, device) -> float:
     return (record[0] + state_bytes(model)) / 2**20
 
 
-def run_preset(preset, batch, device, amp, compile_model, repeats, warmup=2):
+def run_preset(preset, batch, device, amp, compile_model, repeats,
+               optimize=True, warmup=2):
     moe_cfg, dense_cfg, aux = backbone_cfgs(preset)
     torch.manual_seed(0)
     models = [Classifier(moe_cfg, aux), Classifier(dense_cfg, {})]
@@ -241,7 +243,8 @@ def run_preset(preset, batch, device, amp, compile_model, repeats, warmup=2):
         flops.append(model_flops(model, batch))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         runner = torch.compile(model) if compile_model else model
-        step = make_step(runner, optimizer, images, labels, amp, device)
+        step = make_step(runner, optimizer, images, labels, amp, device,
+                         optimize)
         step()  # allocates the optimizer state
         memory.append(peak_memory_mb(step, model, device))
         steps.append(step)
@@ -281,6 +284,7 @@ def run_preset(preset, batch, device, amp, compile_model, repeats, warmup=2):
         threads=torch.get_num_threads(),
         amp=amp,
         compile=compile_model,
+        optimizer_step=optimize,
         repeats=repeats)
 
 
@@ -297,6 +301,10 @@ def main():
                         help='bfloat16 autocast')
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile both models')
+    parser.add_argument(
+        '--no-optimizer-step', action='store_true',
+        help='time forward + backward only (the AdamW step costs in '
+        'proportion to the parameters, not to the FLOPs)')
     parser.add_argument('--json', help='write the rows to this JSON file')
     args = parser.parse_args()
     if args.repeats < 5:
@@ -308,12 +316,14 @@ def main():
         batch = args.batch or PRESETS[preset][2 if device.type == 'cpu' else
                                               3]
         rows.append(run_preset(preset, batch, device, args.amp,
-                               args.compile, args.repeats))
+                               args.compile, args.repeats,
+                               not args.no_optimizer_step))
     header = ('preset', 'batch', 'moe_img_s', 'dense_img_s', 'time_ratio',
               'flops_ratio', 'overhead', 'moe_mem_mb', 'dense_mem_mb')
     print(f'torch {torch.__version__}, {args.threads} threads, '
           f'{rows[0]["device"]}, {args.device}, amp={args.amp}, '
-          f'compile={args.compile}; memory: {rows[0]["memory"]}')
+          f'compile={args.compile}, optimizer step='
+          f'{not args.no_optimizer_step}; memory: {rows[0]["memory"]}')
     print(' | '.join(f'{h:>12}' for h in header))
     for row in rows:
         print(' | '.join(f'{row[h]!s:>12}' for h in header))
