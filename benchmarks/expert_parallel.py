@@ -111,7 +111,8 @@ def _measure(mode, experts, device, repeats, warmup=2):
     else:
         model = layer
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4)
-    x = torch.randn(IMAGES, TOKENS, DIMS, device=device)
+    # As inside a model: the input needs its gradient (4 exchanges).
+    x = torch.randn(IMAGES, TOKENS, DIMS, device=device, requires_grad=True)
     target = torch.randn_like(x)
 
     def step(pack=None):
