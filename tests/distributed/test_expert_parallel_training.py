@@ -137,3 +137,18 @@ def test_ep_checkpoint_evaluates_in_one_process(runs, tiny_moe_config,
         str(tmp_path)
     ])
     assert accuracy(log) == accuracy(ep_log)
+
+
+def test_best_checkpoint_of_an_ep_run_holds_every_expert(tiny_moe_config,
+                                                         tmp_path):
+    # The best checkpoint is written after a validation, not by interval.
+    dist_train(tiny_moe_config, tmp_path, options=(
+        'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
+        'default_hooks.checkpoint.interval=100',
+        'default_hooks.checkpoint.save_last=False',
+        'default_hooks.checkpoint.save_best=accuracy/top1'))
+    best = list(tmp_path.glob('best_accuracy_top1_iter_*.pth'))
+    assert len(best) == 1, list(tmp_path.iterdir())
+    checkpoint = load_run_checkpoint(best[0])
+    key = 'backbone.layers.1.ffn.experts.w1'
+    assert checkpoint['state_dict'][key].shape == (4, 32, 64)

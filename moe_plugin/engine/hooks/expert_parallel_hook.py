@@ -173,10 +173,11 @@ class ExpertParallelHook(Hook):
         for name, tensor in weights.items():
             assert name in state_dict, name
             state_dict[name] = tensor.cpu()
-        optimizer_state = checkpoint.get('optimizer', {}).get('state', {})
-        for index, tensors in states.items():
-            for key, tensor in tensors.items():
-                optimizer_state[index][key] = tensor.cpu()
+        if 'optimizer' in checkpoint:  # not in the best checkpoints
+            optimizer_state = checkpoint['optimizer']['state']
+            for index, tensors in states.items():
+                for key, tensor in tensors.items():
+                    optimizer_state[index][key] = tensor.cpu()
         self._gathered = None
 
     # -- resuming ----------------------------------------------------------
