@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from mmengine.dist import broadcast
-from mmengine.hooks import CheckpointHook, Hook
+from mmengine.hooks import CheckpointHook, EMAHook, Hook
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 from mmpretrain.registry import HOOKS
@@ -66,7 +66,8 @@ class ExpertParallelHook(Hook):
 
     A checkpoint of a sharded model written without the gathering (e.g. by
     a direct ``runner.save_checkpoint``) raises ``RuntimeError`` rather than
-    writing shards.
+    writing shards; an ``EMAHook`` raises ``ValueError`` (its copy would be
+    saved as shards).
     """
 
     # Before CheckpointHook (VERY_LOW) in after_train_iter/epoch/val_epoch.
@@ -96,6 +97,15 @@ class ExpertParallelHook(Hook):
     def before_run(self, runner) -> None:
         if not expert_parameters(self._model(runner)):
             return
+        ema = [
+            type(h).__name__ for h in runner.hooks if isinstance(h, EMAHook)
+        ]
+        if ema:
+            raise ValueError(
+                f'{ema[0]} with expert parallelism is not supported: its '
+                'averaged copy holds this rank\'s experts only and would be '
+                'saved as shards; train without it or without '
+                'expert_parallel')
 
         def init_model_weights():
             # MMEngine's Runner._init_model_weights, less the shards.
