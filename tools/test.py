@@ -194,9 +194,12 @@ def main(argv=None):
     import moe_plugin  # noqa: F401
     from moe_plugin.compat import (allow_run_checkpoints,
                                    setup_cpu_distributed, teardown_distributed)
+    from moe_plugin.engine import configure_expert_parallel
 
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
+    # Expert parallelism: its DDP wrapper and full experts in checkpoints.
+    configure_expert_parallel(cfg)
     setup_cpu_distributed(cfg)
 
     if 'runner_type' not in cfg:

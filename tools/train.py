@@ -3,14 +3,18 @@
 Additions over MMPretrain's script: it imports ``moe_plugin`` (and works
 from a clone without installation), resumes the run's own checkpoints under
 PyTorch >= 2.6 with a scoped allow-list (``moe_plugin.compat``), trains
-distributed on CPU-only machines with gloo, and prints where the checkpoint
-and the logs went.
+distributed on CPU-only machines with gloo, trains with expert parallelism
+when the model asks for it (``MoEDistributedDataParallel`` and
+``ExpertParallelHook`` are put into the config), and prints where the
+checkpoint and the logs went.
 
 Examples:
     python tools/train.py configs/demo/vmoe-demo_2xb64_digits.py
     tools/dist_train.sh configs/vmoe/vmoe-s32-last2_8xb1024_in1k.py 8
     python tools/train.py CONFIG --resume            # latest in work_dir
     python tools/train.py CONFIG --resume work_dirs/x/iter_100.pth
+    tools/dist_train.sh CONFIG 4 \
+        --cfg-options model.backbone.moe_cfg.expert_parallel=True
 """
 import argparse
 import os
@@ -169,9 +173,12 @@ def main(argv=None):
     import moe_plugin  # noqa: F401
     from moe_plugin.compat import (allow_run_checkpoints,
                                    setup_cpu_distributed, teardown_distributed)
+    from moe_plugin.engine import configure_expert_parallel
 
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
+    # Expert parallelism: its DDP wrapper and full experts in checkpoints.
+    configure_expert_parallel(cfg)
     setup_cpu_distributed(cfg)
 
     if 'runner_type' not in cfg:

@@ -1,7 +1,12 @@
-"""Registered MMEngine hooks and optimizer constructors of moe_plugin."""
-from .hooks import (MoERoutingLoggerHook, OptionalTensorboardVisBackend,
-                    RandomStateHook)
+"""Registered MMEngine hooks, model wrappers and optimizer constructors of
+moe_plugin."""
+from .hooks import (ExpertParallelHook, MoERoutingLoggerHook,
+                    OptionalTensorboardVisBackend, RandomStateHook)
+from .model_wrapper import (MoEDistributedDataParallel,
+                            configure_expert_parallel)
 
 __all__ = [
-    'RandomStateHook', 'MoERoutingLoggerHook', 'OptionalTensorboardVisBackend'
+    'ExpertParallelHook', 'RandomStateHook', 'MoERoutingLoggerHook',
+    'OptionalTensorboardVisBackend', 'MoEDistributedDataParallel',
+    'configure_expert_parallel'
 ]

@@ -72,6 +72,9 @@ class BatchedExperts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, embed_dims))
         self.act = build_activation(act)
         self.drop = ExpertDropout(drop)
+        #: Set by :func:`~moe_plugin.layers.expert_parallel.shard_experts`
+        #: when this rank holds only some of the experts.
+        self.expert_shard = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -88,7 +91,17 @@ class BatchedExperts(nn.Module):
         return self.w1.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        """``[E, C, D] -> [E, C, D]``, expert ``e`` applied to ``x[e]``."""
+        """``[E, C, D] -> [E, C, D]``, expert ``e`` applied to ``x[e]``.
+
+        With expert parallelism the buffer of all ``E`` experts is exchanged
+        so that this rank's experts run on every rank's slots.
+        """
+        if self.expert_shard is not None:
+            return self.expert_shard.run(self.compute, x)
+        return self.compute(x)
+
+    def compute(self, x: Tensor) -> Tensor:
+        """The experts held here on their slots, ``[E_local, C, D]``."""
         h = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)
         h = self.drop(self.act(h))
         return self.drop(torch.baddbmm(self.b2.unsqueeze(1), h, self.w2))

@@ -18,11 +18,12 @@ Parameter names follow vmoe's: ``mu`` (``[D, E, p]``, vmoe's ``Router/mu``)
 and ``scale``; the experts are :class:`BatchedExperts`.
 """
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .expert_parallel import shard_experts
 from .experts import BatchedExperts
 
 
@@ -141,6 +142,9 @@ class SoftMoE(nn.Module):
             Defaults to None.
         act (str): 'gelu_tanh' or 'gelu'. Defaults to 'gelu_tanh'.
         expert_drop (float): Dropout inside each expert. Defaults to 0.
+        expert_parallel (bool | int): Hold ``E / P`` experts per rank and
+            exchange the slot buffer with ``all_to_all`` (see
+            :class:`~moe_plugin.layers.SparseMoE`). Defaults to False.
     """
 
     def __init__(self,
@@ -151,7 +155,8 @@ class SoftMoE(nn.Module):
                  capacity_factor: Optional[float] = None,
                  num_tokens: Optional[int] = None,
                  act: str = 'gelu_tanh',
-                 expert_drop: float = 0.0):
+                 expert_drop: float = 0.0,
+                 expert_parallel: Union[bool, int] = False):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f'num_experts must be >= 1, got {num_experts}')
@@ -165,6 +170,9 @@ class SoftMoE(nn.Module):
                                       feedforward_channels, act, expert_drop)
         self.moe_metrics = {}
         self.reset_parameters()
+        # After the initialisation: every rank draws the same parameters.
+        self.expert_parallel = expert_parallel
+        shard_experts(self.experts, expert_parallel)
 
     def reset_parameters(self):
         """LeCun-normal ``mu`` (fan-in ``D``), as vmoe; ``scale`` = 1."""

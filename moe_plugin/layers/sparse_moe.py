@@ -1,9 +1,10 @@
 """The V-MoE layer: router + static index dispatch + batched experts."""
 import numbers
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 from torch import Tensor, nn
 
+from .expert_parallel import shard_experts
 from .experts import BatchedExperts
 from .routing import (NoisyTopExpertsPerItem, NoisyTopItemsPerExpert,
                       compute_capacity)
@@ -67,6 +68,12 @@ class SparseMoE(nn.Module):
             None (same as training).
         eval_group_size (int, optional): images per group in evaluation.
             Defaults to None (each image its own group: batch independent).
+        expert_parallel (bool | int): hold ``E / P`` experts per rank and
+            exchange the expert buffer with ``all_to_all``: True for ``P``
+            = all ranks, an int ``P`` dividing the world size, False for
+            every expert on every rank. Ignored without an initialised
+            process group. See :mod:`moe_plugin.layers.expert_parallel`.
+            Defaults to False.
     """
 
     def __init__(self,
@@ -88,7 +95,8 @@ class SparseMoE(nn.Module):
                  eval_top_k: Optional[int] = None,
                  eval_capacity_factor: Optional[float] = None,
                  eval_batch_priority: Optional[bool] = None,
-                 eval_group_size: Optional[int] = None):
+                 eval_group_size: Optional[int] = None,
+                 expert_parallel: Union[bool, int] = False):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(
@@ -134,6 +142,8 @@ class SparseMoE(nn.Module):
         self.router = router_cls(embed_dims, num_experts, noise_std)
         self.experts = BatchedExperts(num_experts, embed_dims,
                                       feedforward_channels, act, expert_drop)
+        self.expert_parallel = expert_parallel
+        shard_experts(self.experts, expert_parallel)
         self.moe_metrics: Dict[str, Tensor] = {}
 
     def __getstate__(self):

@@ -33,13 +33,14 @@ Parameters and their MoE Jetpack names: ``phi`` ``[E, p, D]`` (``phi``),
 ``univ_experts`` (:class:`BatchedExperts`; MoE Jetpack's
 ``core_experts.vit_fc1.weight`` ``[E, H, D]`` is the transpose of ``w1``).
 """
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from .expert_parallel import shard_experts
 from .experts import BatchedExperts
 from .soft_moe import expert_share, slots_to_tokens, tokens_to_slots
 
@@ -114,6 +115,10 @@ class SpheroMoE(nn.Module):
         single_scale (bool): one ``scale`` (init 1) multiplying the queries
             instead of the two temperatures dividing the logits (MoE
             Jetpack's single path). Defaults to False.
+        expert_parallel (bool | int): Hold ``E_c / P`` core and ``E_u / P``
+            universal experts per rank and exchange each group's slots with
+            ``all_to_all`` (see :class:`~moe_plugin.layers.SparseMoE`).
+            Defaults to False.
     """
 
     def __init__(self,
@@ -134,7 +139,8 @@ class SpheroMoE(nn.Module):
                  expert_layer_scale: bool = False,
                  act: str = 'gelu',
                  normalize_queries: bool = True,
-                 single_scale: bool = False):
+                 single_scale: bool = False,
+                 expert_parallel: Union[bool, int] = False):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f'num_experts must be >= 1, got {num_experts}')
@@ -205,6 +211,10 @@ class SpheroMoE(nn.Module):
             DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity())
         self.moe_metrics = {}
         self.reset_parameters()
+        self.expert_parallel = expert_parallel
+        for experts in (self.core_experts, self.univ_experts):
+            if experts is not None:
+                shard_experts(experts, expert_parallel)
 
     def reset_parameters(self):
         """Orthogonal slot parameters over the flattened ``[E * p, D]``."""

@@ -1,7 +1,9 @@
+from .expert_parallel_hook import ExpertParallelHook
 from .random_state_hook import RandomStateHook
 from .routing_logger_hook import (MoERoutingLoggerHook,
                                   OptionalTensorboardVisBackend)
 
 __all__ = [
-    'RandomStateHook', 'MoERoutingLoggerHook', 'OptionalTensorboardVisBackend'
+    'ExpertParallelHook', 'RandomStateHook', 'MoERoutingLoggerHook',
+    'OptionalTensorboardVisBackend'
 ]

@@ -11,6 +11,7 @@ from mmpretrain.registry import MODELS
 from timm.layers import AttentionPoolLatent
 from torch import Tensor
 
+from ...layers.expert_parallel import full_parameter_shapes
 from ..builder import build_moe_layer
 
 #: FFN activations: V-MoE (flax ``nn.gelu``) uses the tanh approximation,
@@ -332,16 +333,15 @@ class VisionMoE(VisionTransformer):
         Runs after MMPretrain's ``_prepare_pos_embed``, which resizes
         ``pos_embed``; ``pos_embed`` itself is left to it.
         """
-        own = dict(self.named_parameters())
-        own.update(self.named_buffers())
-        for name, tensor in own.items():
+        # Expert-parallel shards count with the shape of all their experts.
+        for name, shape in full_parameter_shapes(self).items():
             key = prefix + name
             if name == 'pos_embed' or key not in state_dict:
                 continue
             ckpt_shape = tuple(state_dict[key].shape)
-            if ckpt_shape != tuple(tensor.shape):
+            if ckpt_shape != shape:
                 raise ValueError(f'{key}: checkpoint {ckpt_shape} vs model '
-                                 f'{tuple(tensor.shape)}')
+                                 f'{shape}')
 
     def get_layer_depth(self, param_name: str, prefix: str = ''):
         """Layer-wise depth of a parameter, for MMPretrain's layer decay.
