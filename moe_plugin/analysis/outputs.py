@@ -8,6 +8,8 @@ from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_write
+
 
 def prepare_outputs(out_dir: str, names: Iterable[str],
                     force: bool = False) -> Dict[str, str]:
@@ -32,26 +34,25 @@ def prepare_outputs(out_dir: str, names: Iterable[str],
 
 
 def write_json(path: str, data) -> str:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(data, f, indent=2)
+
+    return atomic_write(path, write)
 
 
 def write_csv(path: str, rows: List[Dict], columns: Sequence[str]) -> str:
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row.get(key, '') for key in columns})
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp):
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({key: row.get(key, '') for key in columns})
+
+    return atomic_write(path, write)
 
 
 def write_npz(path: str, **arrays: np.ndarray) -> str:
-    tmp = path + '.tmp.npz'
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))

@@ -5,10 +5,11 @@ canvas, never through ``pyplot``: no global state, no display needed, and
 the caller's backend is left alone. Each file is written to a temporary
 name and renamed.
 """
-import os
 from typing import Dict, List, Sequence
 
 import numpy as np
+
+from ..fileio import atomic_write
 
 
 def _figure(width: float, height: float, layout=None):
@@ -25,10 +26,8 @@ def _figure(width: float, height: float, layout=None):
 
 
 def _save(figure, path: str) -> str:
-    tmp = path + '.tmp.png'
-    figure.savefig(tmp, bbox_inches='tight')
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path,
+                        lambda tmp: figure.savefig(tmp, bbox_inches='tight'))
 
 
 def plot_capacity_sweep(rows: List[Dict], path: str,

@@ -5,25 +5,18 @@ config describes is built with ``MODELS.build`` and loads the state dict
 strictly before anything is written; each file goes to a temporary name in
 its folder and is renamed; an existing output is an error unless ``force``.
 """
-import os
 import os.path as osp
 import pprint
 import tempfile
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..fileio import atomic_outputs, check_outputs  # noqa: F401
+
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 RUNTIME_BASE = osp.join(REPO_ROOT, 'configs', '_base_', 'default_runtime.py')
-
-
-def check_outputs(paths: Sequence[Optional[str]], force: bool) -> None:
-    """Raise ``FileExistsError`` for an existing output unless ``force``."""
-    for path in paths:
-        if path and osp.exists(path) and not force:
-            raise FileExistsError(
-                f'{path} exists; pass --force to overwrite it')
 
 
 def build_checked_model(model_cfg: dict,
@@ -120,25 +113,9 @@ def save_converted(state: Dict[str, Tensor],
     written when an output exists and ``force`` is False.
     """
     check_outputs([out, config_out], force)
-    pending = []
-    try:
-        for path, write in (
-            (out, lambda tmp: torch.save(
-                {'state_dict': {k: v.contiguous()
-                                for k, v in state.items()}}, tmp)),
-            (config_out, lambda tmp: _write_text(tmp, config)),
-        ):
-            if path is None:
-                continue
-            folder = osp.dirname(osp.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix='.part')
-            os.close(fd)
-            pending.append((tmp, path))
-            write(tmp)
-        for tmp, path in pending:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in pending:
-            if osp.exists(tmp):
-                os.remove(tmp)
+    with atomic_outputs([out, config_out]) as (tmp, tmp_config):
+        torch.save(
+            {'state_dict': {k: v.contiguous()
+                            for k, v in state.items()}}, tmp)
+        if tmp_config is not None:
+            _write_text(tmp_config, config)

@@ -14,15 +14,14 @@ second checkpoint of the target's width, and each expert takes its own
 channels of the wide model.
 """
 import json
-import os
 import os.path as osp
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..fileio import atomic_outputs, check_outputs
 from .channels import expert_channels, narrow_to_target
 from .formats import DenseViT
 from .methods import build_experts, select_indices
@@ -272,31 +271,14 @@ def save_recycled(state: Dict[str, Tensor],
     if safetensors and not out.endswith('.safetensors'):
         out = osp.splitext(out)[0] + '.safetensors'
     report_path = osp.splitext(out)[0] + '.json'
-    for path in (out, report_path):
-        if osp.exists(path) and not force:
-            raise FileExistsError(
-                f'{path} exists; pass --force to overwrite it')
-    folder = osp.dirname(osp.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    written = []
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix='.part')
-        os.close(fd)
-        written.append(tmp)
+    check_outputs([out, report_path], force)
+    with atomic_outputs([out, report_path]) as (tmp, tmp_report):
         tensors = {k: v.contiguous() for k, v in state.items()}
         if safetensors:
             from safetensors.torch import save_file
             save_file(tensors, tmp)
         else:
             torch.save({'state_dict': tensors}, tmp)
-        fd, tmp_report = tempfile.mkstemp(dir=folder, suffix='.part')
-        written.append(tmp_report)
-        with os.fdopen(fd, 'w') as f:
+        with open(tmp_report, 'w') as f:
             json.dump(report, f, indent=1)
-        os.replace(tmp, out)
-        os.replace(tmp_report, report_path)
-    finally:
-        for path in written:
-            if osp.exists(path):
-                os.remove(path)
     return out, report_path

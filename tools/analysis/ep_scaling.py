@@ -35,7 +35,6 @@ Usage::
 """
 import argparse
 import json
-import os
 import os.path as osp
 import sys
 
@@ -197,10 +196,8 @@ def main():
         print()
         print_table(check(args.check), args.markdown)
     if args.json:
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(all_rows, f, indent=2)
-        os.replace(tmp, args.json)
+        from moe_plugin.analysis.outputs import write_json
+        write_json(args.json, all_rows)
 
 
 if __name__ == '__main__':

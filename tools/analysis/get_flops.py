@@ -13,9 +13,7 @@ Examples:
         --dense-config configs/vit/vit-s32.py --json flops.json
 """
 import argparse
-import json
 import math
-import os
 import os.path as osp
 import sys
 
@@ -164,10 +162,8 @@ def main(argv=None):
               'x active parameters')
         result['dense'] = dense
     if args.json:
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        from moe_plugin.analysis.outputs import write_json
+        write_json(args.json, result)
     return result
 
 
