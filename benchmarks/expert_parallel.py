@@ -28,7 +28,6 @@ Usage::
 """
 import argparse
 import datetime
-import json
 import os
 import os.path as osp
 import statistics
@@ -42,6 +41,7 @@ import torch.multiprocessing as mp
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from report import report  # noqa: E402
 
 DIMS, HIDDEN, TOP_K, FACTOR = 384, 1536, 2, 1.05
 IMAGES, TOKENS = 8, 50
@@ -231,14 +231,7 @@ def main():
     print(f'torch {torch.__version__}, {args.device}, {os.cpu_count()} '
           f'cores, E={args.experts}, D={DIMS}, H={HIDDEN}, '
           f'{IMAGES * TOKENS} tokens per rank')
-    print(' | '.join(f'{h:>14}' for h in header))
-    for row in rows:
-        print(' | '.join(f'{row[h]!s:>14}' for h in header))
-    if args.json:
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+    report(rows, header, 14, args.json)
 
 
 if __name__ == '__main__':

@@ -41,8 +41,6 @@ Usage::
 import argparse
 import contextlib
 import copy
-import json
-import os
 import os.path as osp
 import platform
 import statistics
@@ -55,6 +53,8 @@ from torch import nn
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from report import report  # noqa: E402
+
 import moe_plugin  # noqa: E402,F401  (registers the models)
 from moe_plugin.layers import SoftMoE, SparseMoE, SpheroMoE  # noqa: E402
 from moe_plugin.layers.routing import compute_capacity  # noqa: E402
@@ -324,14 +324,7 @@ def main():
           f'{rows[0]["device"]}, {args.device}, amp={args.amp}, '
           f'compile={args.compile}, optimizer step='
           f'{not args.no_optimizer_step}; memory: {rows[0]["memory"]}')
-    print(' | '.join(f'{h:>12}' for h in header))
-    for row in rows:
-        print(' | '.join(f'{row[h]!s:>12}' for h in header))
-    if args.json:
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+    report(rows, header, 12, args.json)
 
 
 if __name__ == '__main__':

@@ -30,7 +30,6 @@ Usage::
         [--json out.json]
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,6 +40,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from report import report  # noqa: E402
+
 from moe_plugin.layers import (SoftMoE, SparseMoE, SpheroMoE,  # noqa: E402
                                compute_capacity, einsum_top_k_combine,
                                einsum_top_k_forward)
@@ -238,14 +239,7 @@ def main():
                   'ratio', 'same_flop_ms', 'ratio_same_flop')
     print(f'torch {torch.__version__}, {args.threads} threads, '
           f'{platform.processor() or platform.machine()}, {args.device}')
-    print(' | '.join(f'{h:>19}' for h in header))
-    for row in rows:
-        print(' | '.join(f'{row[h]!s:>19}' for h in header))
-    if args.json:
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+    report(rows, header, 19, args.json)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,6 @@ Usage::
         [--json out.json]
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from moe_layer import fwd_bwd_step, time_round_robin  # noqa: E402
+from report import report  # noqa: E402
 
 from moe_plugin.layers import SparseMoE  # noqa: E402
 from moe_plugin.layers import routing  # noqa: E402
@@ -103,14 +103,7 @@ def main():
     header = ('layer', 'tokens', 'topk_ms', 'stable_ms', 'ratio')
     print(f'torch {torch.__version__}, {args.threads} threads, '
           f'{platform.processor() or platform.machine()}, {args.device}')
-    print(' | '.join(f'{h:>13}' for h in header))
-    for row in rows:
-        print(' | '.join(f'{row[h]!s:>13}' for h in header))
-    if args.json:
-        tmp = args.json + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+    report(rows, header, 13, args.json)
 
 
 if __name__ == '__main__':
