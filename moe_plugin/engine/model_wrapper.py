@@ -127,7 +127,12 @@ def configure_expert_parallel(cfg) -> bool:
                 f'the model uses expert_parallel, which needs model_wrapper_'
                 f'cfg type={WRAPPER_TYPE!r} (DDP would average different '
                 f"experts' gradients), got {wrapper_cfg.get('type')!r}")
-    hooks = list(cfg.get('custom_hooks', None) or [])
+    hooks = cfg.get('custom_hooks', None) or []
+    if not isinstance(hooks, (list, tuple)) or not all(
+            isinstance(h, dict) for h in hooks):
+        raise ValueError(f'custom_hooks must be a list of hook configs, got '
+                         f'{hooks!r}')
+    hooks = list(hooks)
     if not any(h.get('type') == HOOK_TYPE for h in hooks):
         hooks.append(dict(type=HOOK_TYPE))
         cfg.custom_hooks = hooks

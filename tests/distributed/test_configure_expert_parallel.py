@@ -40,3 +40,11 @@ def test_ep_with_plain_ddp_is_refused():
                        "'MoEDistributedDataParallel'.*got "
                        "'MMDistributedDataParallel'"):
         configure_expert_parallel(cfg)
+
+
+def test_custom_hooks_that_are_not_a_list_are_refused():
+    cfg = make_cfg(expert_parallel=True)
+    cfg.custom_hooks = "[dict(type='RandomStateHook')]"  # via --cfg-options
+    with pytest.raises(ValueError, match='custom_hooks must be a list of hook'
+                       " configs, got \"\\[dict\\(type='RandomStateHook'"):
+        configure_expert_parallel(cfg)
