@@ -70,12 +70,14 @@ def nest(flat):
 
 def write_vmoe_checkpoint(prefix, params, num_shards=2, bf16=(),
                           split=(), subchunk=7, shard_count=None,
-                          version=True):
+                          version=True, split_pieces=2):
     """Write ``params`` (``{'a/b': float32 array}``) as a V-MoE checkpoint.
 
     Args:
         bf16: names stored as bfloat16.
-        split: names whose pieces (halves along axis 0) go to shards 0, 1.
+        split: names cut along axis 0 into ``split_pieces`` pieces, piece
+            ``j`` in shard ``j % num_shards`` (3 pieces in 2 shards: shard 0
+            holds two pieces of the leaf).
         subchunk: values per 1-D subchunk.
         shard_count: written in the index (default ``num_shards``).
 
@@ -91,9 +93,11 @@ def write_vmoe_checkpoint(prefix, params, num_shards=2, bf16=(),
         expected[name] = bf16_round(array) if dtype == 'bfloat16' else array
         full = [slice(0, n, None) for n in array.shape]
         if name in split:
-            half = array.shape[0] // 2
-            pieces = [([slice(0, half, None)] + full[1:], 0),
-                      ([slice(half, array.shape[0], None)] + full[1:], 1)]
+            bounds = np.linspace(0, array.shape[0], split_pieces + 1).astype(
+                int).tolist()
+            pieces = [([slice(start, stop, None)] + full[1:], j % num_shards)
+                      for j, (start, stop) in enumerate(
+                          zip(bounds[:-1], bounds[1:]))]
         else:
             pieces = [(full, leaf_id % num_shards)]
         for slices, shard in pieces:
