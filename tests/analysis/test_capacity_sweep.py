@@ -101,3 +101,25 @@ def test_library_checks_and_restores_routing():
     layer = model.layers[1].ffn
     assert (layer.eval_top_k, layer.eval_capacity_factor,
             layer.eval_batch_priority) == (2, 3.0, False)
+
+
+def test_processed_fraction_counts_every_choice_rank(hand_routed):
+    """A group of a red and a green image: the first choices split over
+    experts 0 and 1 (25 tokens each, all kept), the second choices all go to
+    expert 3, which keeps B = ceil(50 * 2 * 1 / 4) = 25 -> 28 of 50: 78 of
+    the 100 (token, choice) pairs, not 2 x the first rank's 50."""
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+
+    from moe_plugin.analysis.sweep import evaluate_routing
+    from moe_plugin.layers import set_eval_routing
+
+    from .conftest import set_hand_routing
+    config, _, _ = hand_routed
+    model = set_hand_routing(MODELS.build(Config.fromfile(config).model))
+    model.eval()
+    set_eval_routing(model, top_k=2, capacity_factor=1.0, group_size=2)
+    images = -torch.ones(2, 3, 20, 20)
+    images[0, 0] = images[1, 1] = 1.0  # red, green after normalisation
+    result = evaluate_routing(model, [(images, torch.tensor([0, 1]))])
+    assert result['processed_fraction'] == pytest.approx(78 / 100)
