@@ -27,6 +27,7 @@ Usage::
         [--experts 8] [--device cuda] [--json out.json]
 """
 import argparse
+import contextlib
 import datetime
 import os
 import os.path as osp
@@ -41,28 +42,11 @@ import torch.multiprocessing as mp
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from memory import saved_bytes  # noqa: E402
 from report import report  # noqa: E402
 
 DIMS, HIDDEN, TOP_K, FACTOR = 384, 1536, 2, 1.05
 IMAGES, TOKENS = 8, 50
-
-
-def _saved_bytes(module):
-    """A saved-tensors hook summing the distinct storages saved for the
-    backward, the module's parameters left out."""
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}
-
-    def pack(tensor):
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return tensor
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    return seen, pack
 
 
 def _count_all_to_all(world):
@@ -115,13 +99,11 @@ def _measure(mode, experts, device, repeats, warmup=2):
     x = torch.randn(IMAGES, TOKENS, DIMS, device=device, requires_grad=True)
     target = torch.randn_like(x)
 
-    def step(pack=None):
+    def step(record=None):
         optimizer.zero_grad(set_to_none=True)
-        if pack is None:
+        with (contextlib.nullcontext()
+              if record is None else saved_bytes(record, layer)):
             out = model(x)
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = model(x)
         loss = (out * target).mean() + layer.moe_metrics['importance_loss']
         loss.backward()
         optimizer.step()
@@ -129,9 +111,9 @@ def _measure(mode, experts, device, repeats, warmup=2):
             torch.cuda.synchronize()
 
     step()
-    seen, pack = _saved_bytes(layer)
+    activations = []
     sent = _count_all_to_all(world)
-    step(pack)
+    step(activations)
     a2a = sent.pop()
     for _ in range(warmup):
         step()
@@ -160,7 +142,7 @@ def _measure(mode, experts, device, repeats, warmup=2):
         tokens_s_total=round(world * IMAGES * TOKENS / seconds, 1),
         state_mb=round(state / 2**20, 2),
         expert_state_mb=round(expert_state / 2**20, 2),
-        act_mb=round(sum(seen.values()) / 2**20, 2),
+        act_mb=round(activations[0] / 2**20, 2),
         a2a_mb=round(a2a / 2**20, 3),
         allreduce_mb=round(grad_sync / 2**20, 3),
         buffer=list(buffer),

@@ -53,6 +53,7 @@ from torch import nn
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from memory import saved_bytes  # noqa: E402
 from report import report  # noqa: E402
 
 import moe_plugin  # noqa: E402,F401  (registers the models)
@@ -174,27 +175,6 @@ def model_flops(model: Classifier, batch: int) -> float:
 
 
 # -- memory -----------------------------------------------------------------
-@contextlib.contextmanager
-def saved_bytes(record: list, model: nn.Module):
-    """Sum the bytes of distinct storages saved for the backward, the
-    model's parameters left out (they are counted in the state)."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(tensor):
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return tensor
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield
-    record.append(sum(seen.values()))
-
-
 def state_bytes(model: nn.Module) -> int:
     """Weights, gradients and two Adam moments."""
     return 4 * sum(p.numel() * p.element_size() for p in model.parameters())

@@ -24,19 +24,10 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from moe_plugin.analysis.sweep import capacity_factor_arg  # noqa: E402
+
 BPR_CHOICES = {'off': (False, ), 'on': (True, ), 'both': (False, True)}
 NAMES = ('capacity_sweep.json', 'capacity_sweep.csv', 'capacity_sweep.png')
-
-
-def positive_float(value):
-    try:
-        number = float(value)
-    except ValueError:
-        number = float('nan')
-    if not number > 0 or number == float('inf'):
-        raise argparse.ArgumentTypeError(
-            f'a capacity factor must be a number > 0, got {value!r}')
-    return number
 
 
 def parse_args(argv=None):
@@ -46,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
         '--capacity',
-        type=positive_float,
+        type=capacity_factor_arg,
         nargs='+',
         default=[0.1, 0.25, 0.5, 1.0, 2.0, 4.0],
         help='capacity factors (> 0)')

@@ -31,16 +31,7 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-
-def positive_float(value):
-    try:
-        number = float(value)
-    except ValueError:
-        number = float('nan')
-    if not number > 0 or number == float('inf'):
-        raise argparse.ArgumentTypeError(
-            f'a capacity factor must be a number > 0, got {value!r}')
-    return number
+from moe_plugin.analysis.sweep import capacity_factor_arg  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,7 +45,9 @@ def parse_args(argv=None):
         nargs='+',
         help='MoE layers: block indices (VisionMoE) or names (default: all)')
     parser.add_argument(
-        '--capacity', type=positive_float, help='test-time capacity factor')
+        '--capacity',
+        type=capacity_factor_arg,
+        help='test-time capacity factor')
     parser.add_argument('--top-k', type=int, help='test-time K')
     parser.add_argument(
         '--bpr',
