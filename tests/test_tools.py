@@ -58,18 +58,22 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def assert_nested_close(actual, expected, path='checkpoint'):
+def assert_nested_close(actual, expected, path='checkpoint', rtol=1e-5,
+                        atol=1e-6):
+    """Nested dicts / lists of tensors and values equal (tensors to
+    ``rtol`` / ``atol``)."""
     if isinstance(expected, torch.Tensor):
         torch.testing.assert_close(
-            actual, expected, rtol=1e-5, atol=1e-6, msg=path)
+            actual, expected, rtol=rtol, atol=atol, msg=path)
     elif isinstance(expected, dict):
         assert set(actual) == set(expected), path
         for key in expected:
-            assert_nested_close(actual[key], expected[key], f'{path}.{key}')
+            assert_nested_close(actual[key], expected[key], f'{path}.{key}',
+                                rtol, atol)
     elif isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected), path
         for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_nested_close(a, e, f'{path}[{i}]')
+            assert_nested_close(a, e, f'{path}[{i}]', rtol, atol)
     else:
         assert actual == expected, path
 

@@ -13,10 +13,9 @@ import shutil
 import sys
 
 import pytest
-import torch
 
-from ..test_tools import (REPO_ROOT, free_port, load_run_checkpoint, run_tool,
-                          train)
+from ..test_tools import (REPO_ROOT, assert_nested_close, free_port,
+                          load_run_checkpoint, run_tool, train)
 
 EP = 'model.backbone.moe_cfg.expert_parallel=True'
 #: Validation at the end, so that the run logs an accuracy; gradients
@@ -42,7 +41,7 @@ def weights(work_dir, iters=6):
                                         f'iter_{iters}.pth'))['state_dict']
 
 
-def assert_nested_close(actual, expected, path='checkpoint'):
+def assert_ep_close(actual, expected, path='checkpoint'):
     """Equal up to float32 round-off, as amplified by AdamW.
 
     The key part of ``qkv.bias`` has a gradient of exactly 0 in exact
@@ -51,19 +50,7 @@ def assert_nested_close(actual, expected, path='checkpoint'):
     expert outputs in another order, so those entries drift by ~1e-6 over 6
     steps; a wrong gradient moves weights by ~lr = 1e-3.
     """
-    if isinstance(expected, torch.Tensor):
-        torch.testing.assert_close(
-            actual, expected, rtol=1e-4, atol=1e-5, msg=path)
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), path
-        for key in expected:
-            assert_nested_close(actual[key], expected[key], f'{path}.{key}')
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), path
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_nested_close(a, e, f'{path}[{i}]')
-    else:
-        assert actual == expected, path
+    assert_nested_close(actual, expected, path, rtol=1e-4, atol=1e-5)
 
 
 def accuracy(log):
@@ -99,10 +86,10 @@ def test_ep_run_shards_and_saves_every_expert(runs):
 def test_ep_two_processes_equal_one_process(runs):
     root, _ = runs
     ep, single = weights(root / 'ep'), weights(root / 'single')
-    assert_nested_close(ep, single)
+    assert_ep_close(ep, single)
     start = weights(root / 'single', 2)
     assert any(not (start[k] == single[k]).all() for k in single)
-    assert_nested_close(
+    assert_ep_close(
         load_run_checkpoint(root / 'ep' / 'iter_6.pth')['optimizer'],
         load_run_checkpoint(root / 'single' / 'iter_6.pth')['optimizer'])
 
@@ -114,7 +101,7 @@ def test_ep_checkpoint_resumes_on_one_process(runs, tiny_moe_config,
     log = single_train(tiny_moe_config, tmp_path, '--resume',
                        str(tmp_path / 'iter_4.pth'))
     assert 'resumed epoch: 0, iter: 4' in log
-    assert_nested_close(weights(tmp_path), weights(root / 'ep'))
+    assert_ep_close(weights(tmp_path), weights(root / 'ep'))
 
 
 def test_one_process_checkpoint_resumes_with_ep(runs, tiny_moe_config,
@@ -124,7 +111,7 @@ def test_one_process_checkpoint_resumes_with_ep(runs, tiny_moe_config,
     log = dist_train(tiny_moe_config, tmp_path, '--resume',
                      str(tmp_path / 'iter_4.pth'))
     assert 'resumed epoch: 0, iter: 4' in log
-    assert_nested_close(weights(tmp_path), weights(root / 'single'))
+    assert_ep_close(weights(tmp_path), weights(root / 'single'))
 
 
 def test_ep_checkpoint_evaluates_in_one_process(runs, tiny_moe_config,
