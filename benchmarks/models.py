@@ -57,8 +57,7 @@ from memory import saved_bytes  # noqa: E402
 from report import report  # noqa: E402
 
 import moe_plugin  # noqa: E402,F401  (registers the models)
-from moe_plugin.layers import SoftMoE, SparseMoE, SpheroMoE  # noqa: E402
-from moe_plugin.layers.routing import compute_capacity  # noqa: E402
+from moe_plugin.layers import MoELayer, SparseMoE  # noqa: E402
 
 NUM_CLASSES = 1000
 
@@ -112,8 +111,7 @@ class Classifier(nn.Module):
         self.backbone = MODELS.build(backbone_cfg)
         self.head = nn.Linear(self.backbone.embed_dims, NUM_CLASSES)
         self.aux_weights = {k: v for k, v in aux_weights.items() if v}
-        self.moe = [m for m in self.modules()
-                    if isinstance(m, (SparseMoE, SoftMoE, SpheroMoE))]
+        self.moe = [m for m in self.modules() if isinstance(m, MoELayer)]
 
     def forward(self, images, labels):
         feats = self.backbone(images)[-1]
@@ -133,27 +131,17 @@ def layer_flops(layer: nn.Module, tokens: int, dims: int,
                 batch: int) -> float:
     """Forward FLOPs per image of an FFN (dense or MoE) on ``tokens``."""
     if isinstance(layer, SparseMoE):
-        options = layer.routing_options()
-        group_images = options['group_size'] or 1
-        top_k = options['top_k'] if layer.router_type == 'token_choice' \
-            else 1
-        capacity = compute_capacity(
-            group_images * tokens, layer.num_experts, top_k,
-            options['capacity_factor'],
-            layer.capacity if options['capacity_factor'] is None else None,
-            layer.capacity_multiple_of, layer.capacity_rounding)
-        if layer.router_type != 'token_choice':
-            capacity = min(capacity, group_images * tokens)
+        group_images = layer.routing_options()['group_size'] or 1
+        capacity = layer.capacity_for(group_images * tokens)
         rows = layer.num_experts * capacity / group_images
         hidden = layer.experts.w1.shape[-1]
         return 2 * tokens * dims * layer.num_experts + 4 * dims * hidden * rows
-    if isinstance(layer, (SoftMoE, SpheroMoE)):
+    if isinstance(layer, MoELayer):  # Soft MoE, SpheroMoE
         slots = layer.num_experts * layer.slots_per_expert
         mixing = 2 * tokens * dims * slots * 3  # logits, dispatch, combine
-        groups = ([layer.experts] if isinstance(layer, SoftMoE) else
-                  [g for g in (layer.core_experts, layer.univ_experts) if g])
         experts = sum(4 * dims * g.w1.shape[-1] * g.w1.shape[0] *
-                      layer.slots_per_expert for g in groups)
+                      layer.slots_per_expert
+                      for g in layer.expert_groups().values())
         return mixing + experts
     linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
     return sum(2 * tokens * m.in_features * m.out_features for m in linears)

@@ -9,7 +9,7 @@ from mmengine.config import Config
 from mmpretrain.registry import MODELS, TRANSFORMS
 
 import moe_plugin  # noqa: F401
-from moe_plugin.layers import SparseMoE
+from moe_plugin.layers import SparseMoE, is_moe_layer
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(
@@ -27,7 +27,7 @@ def moe_blocks(model):
     ``moe_metrics``, as :class:`MoEImageClassifier` finds them)."""
     indices = set()
     for name, module in model.named_modules():
-        if isinstance(getattr(module, 'moe_metrics', None), dict):
+        if is_moe_layer(module):
             match = re.search(r'layers\.(\d+)\.', name)
             indices.add(int(match.group(1)) if match else name)
     return sorted(indices, key=lambda i: (isinstance(i, str), str(i).zfill(4)))

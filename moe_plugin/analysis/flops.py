@@ -21,7 +21,6 @@ MoE layer's experts times the experts a token uses: ``K`` (token choice),
 ``E * B / S`` (expert choice: slots per token), ``E * p / N`` (Soft MoE and
 SpheroMoE: slots per token, per expert group).
 """
-import inspect
 import math
 from typing import Dict
 
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_plugin.layers import BatchedExperts, SparseMoE
+from moe_plugin.layers import SparseMoE
 
 from .recording import find_moe_layers
 
@@ -65,15 +64,6 @@ class _CountAttention(TorchFunctionMode):
             value = args[2] if len(args) > 2 else kwargs['value']
             self.flops += attention_flops(query, key, value)
         return func(*args, **kwargs)
-
-
-def _experts_of(layer: nn.Module):
-    """The :class:`BatchedExperts` groups of an MoE layer, by name."""
-    return {
-        name: module
-        for name, module in layer.named_modules()
-        if isinstance(module, BatchedExperts)
-    }
 
 
 def _numel(module: nn.Module) -> int:
@@ -114,7 +104,7 @@ def count_flops(model: nn.Module,
         if isinstance(layer, SparseMoE):
             handles.append(
                 layer.router.register_forward_hook(
-                    _router_probe(seen, name), with_kwargs=True))
+                    _router_probe(seen, name, layer)))
     counter = FlopCounterMode(display=False)
     attention = _CountAttention()
     try:
@@ -167,17 +157,18 @@ def count_flops(model: nn.Module,
         layers=rows)
 
 
-def _router_probe(seen: dict, name: str):
-    """Forward hook of a sparse router: the capacity and ``K`` it got."""
+def _router_probe(seen: dict, name: str, layer: SparseMoE):
+    """Forward hook of a sparse router: its groups, and the capacity and
+    ``K`` the layer routed them with."""
 
-    def hook(router, args, kwargs, output):
-        bound = inspect.signature(router.forward).bind(*args, **kwargs)
-        groups = bound.arguments['x']
+    def hook(router, args, output):
+        groups = args[0]
+        arguments = layer.router_arguments(groups.shape[1])
         seen.setdefault(name, {}).update(
             groups=groups.shape[0],
             group_tokens=groups.shape[1],
-            capacity=bound.arguments['capacity'],
-            top_k=bound.arguments.get('top_k'))
+            capacity=arguments['capacity'],
+            top_k=arguments.get('top_k'))
 
     return hook
 
@@ -198,7 +189,7 @@ def _layer_figures(name: str, layer: nn.Module, full_name: str, seen: dict,
         assignments), ``flops_combine`` (analytic) and ``flops``, their
         total.
     """
-    experts = _experts_of(layer)
+    experts = layer.expert_groups()
     expert_flops = sum(
         measured(f'{full_name}.{sub}') for sub in experts) / images
     layer_flops = measured(full_name) / images

@@ -6,11 +6,12 @@ their routers, the dispatchers the routers return and the layers'
 :class:`RoutingRecorder` is active.
 
 - :class:`~moe_plugin.layers.SparseMoE` (token choice): the router's forward
-  hook sees its arguments (grouped tokens, ``K``, capacity, BPR, renormalise)
-  and the dispatcher it returned. The assignment is recomputed from the same
-  clean gates with :func:`~moe_plugin.layers.assign_top_k` (so that the
-  expert a *dropped* choice wanted is known) and checked against the
-  dispatcher's ``kept``.
+  hook sees the grouped tokens and the dispatcher it returned; the layer
+  says which arguments it routed them with (``K``, capacity, BPR,
+  renormalise: :meth:`~moe_plugin.layers.SparseMoE.router_arguments`). The
+  assignment is recomputed from the router's clean gates with
+  :func:`~moe_plugin.layers.assign_top_k` (so that the expert a *dropped*
+  choice wanted is known) and checked against the dispatcher's ``kept``.
 - :class:`~moe_plugin.layers.SparseMoE` (expert choice): the dispatcher's
   ``slot_token`` and ``slot_weights`` say which expert took which token.
 - :class:`~moe_plugin.layers.SoftMoE`, :class:`~moe_plugin.layers.SpheroMoE`:
@@ -18,7 +19,6 @@ their routers, the dispatchers the routers return and the layers'
   recomputed from the layer's input with the layer's own
   ``routing_weights`` (deterministic in evaluation mode).
 """
-import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_plugin.layers import SoftMoE, SparseMoE, SpheroMoE, assign_top_k
+from moe_plugin.layers import MoELayer, SparseMoE, assign_top_k
 
-#: The MoE layer classes whose routing can be recorded.
-RECORDABLE = (SparseMoE, SoftMoE, SpheroMoE)
+#: The MoE layers whose routing can be recorded: those of
+#: :mod:`moe_plugin.layers` (SparseMoE by its router, the soft layers by
+#: their ``routing_weights``).
+RECORDABLE = MoELayer
 
 
 def find_moe_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -73,7 +75,7 @@ def select_moe_layers(model: nn.Module,
     if not layers:
         raise ValueError(
             f'{type(getattr(model, "module", model)).__name__} has no MoE '
-            f'layer ({", ".join(c.__name__ for c in RECORDABLE)})')
+            f'layer (a moe_plugin.layers.{RECORDABLE.__name__})')
     if not selection:
         return layers
     model = getattr(model, 'module', model)
@@ -140,13 +142,10 @@ class LayerRouting:
 def sparse_gates(layer: SparseMoE, x: Tensor) -> Tensor:
     """Clean softmax gates ``[..., E]`` of a sparse layer's router.
 
-    The router's own float32 linear map (no noise), so that the gates of a
-    token do not depend on how the tokens are grouped.
+    The router's clean logits (no noise), so that the gates of a token do
+    not depend on how the tokens are grouped.
     """
-    router = layer.router
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x.to(dtype), router.weight.to(dtype)).softmax(-1)
+    return layer.router.logits(x).softmax(-1)
 
 
 def soft_routing(layer: nn.Module, x: Tensor):
@@ -232,7 +231,7 @@ class RoutingRecorder:
             if isinstance(layer, SparseMoE):
                 self._handles.append(
                     layer.router.register_forward_hook(
-                        self._router_hook(name, layer), with_kwargs=True))
+                        self._router_hook(name, layer)))
             else:
                 self._handles.append(
                     layer.register_forward_hook(self._soft_hook(name)))
@@ -256,21 +255,18 @@ class RoutingRecorder:
         return hook
 
     def _router_hook(self, name, layer):
-        signature = inspect.signature(layer.router.forward)
 
-        def hook(router, args, kwargs, output):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
+        def hook(router, args, output):
             x = self._inputs[name]
             with torch.no_grad():
                 self.last[name] = self._sparse_record(
-                    layer, bound.arguments, output[0], x.shape[:2])
+                    layer, args[0], output[0], x.shape[:2])
 
         return hook
 
-    def _sparse_record(self, layer, arguments, dispatcher, shape):
+    def _sparse_record(self, layer, groups, dispatcher, shape):
         images, tokens = shape
-        groups = arguments['x']
+        arguments = layer.router_arguments(groups.shape[1])
         gates = sparse_gates(layer, groups)
         num_experts = gates.shape[-1]
         if 'top_k' in arguments:

@@ -1,7 +1,9 @@
 """Pure-PyTorch MoE building blocks (no registry, no MMEngine)."""
+from .base import MoELayer, is_moe_layer
 from .dispatch import (IndexDispatcher, expert_choice_dispatcher,
                        token_choice_dispatcher)
-from .experts import BatchedExperts, build_activation
+from .experts import (GELU_APPROXIMATIONS, BatchedExperts, build_activation,
+                      gelu_approximation)
 from .reference import (einsum_sparse_moe_forward, einsum_top_k_combine,
                         einsum_top_k_forward)
 from .routing import (NoisyTopExpertsPerItem, NoisyTopItemsPerExpert,
@@ -12,6 +14,7 @@ from .sparse_moe import SparseMoE, set_eval_routing
 from .sphero_moe import SpheroMoE
 
 __all__ = [
+    'MoELayer', 'is_moe_layer', 'GELU_APPROXIMATIONS', 'gelu_approximation',
     'IndexDispatcher', 'token_choice_dispatcher', 'expert_choice_dispatcher',
     'BatchedExperts', 'build_activation', 'NoisyTopExpertsPerItem',
     'NoisyTopItemsPerExpert', 'TopKAssignment', 'assign_top_k',

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATIONS = {
-    'gelu_tanh': lambda: nn.GELU(approximate='tanh'),
-    'gelu': nn.GELU,
-}
+#: The activations of the FFNs and experts by name, as ``nn.GELU``'s
+#: ``approximate``: V-MoE (flax's ``nn.gelu``) uses the tanh approximation,
+#: MMPretrain, timm, DeiT and MoE Jetpack the exact (erf) GELU.
+GELU_APPROXIMATIONS = {'gelu_tanh': 'tanh', 'gelu': 'none'}
 
 
 class ExpertDropout(nn.Dropout):
@@ -30,12 +30,28 @@ class ExpertDropout(nn.Dropout):
         return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
-def build_activation(act: str) -> nn.Module:
-    """'gelu_tanh' (flax's ``nn.gelu``, V-MoE) or 'gelu' (exact erf)."""
-    if act not in ACTIVATIONS:
+def gelu_approximation(act: str, name: str = 'act') -> str:
+    """``nn.GELU``'s ``approximate`` for an activation name.
+
+    Args:
+        act (str): 'gelu_tanh' (flax's ``nn.gelu``, V-MoE) or 'gelu'
+            (exact erf).
+        name (str): how the error message names the setting.
+            Defaults to 'act'.
+
+    Returns:
+        str: 'tanh' or 'none'.
+    """
+    if act not in GELU_APPROXIMATIONS:
         raise ValueError(
-            f'act must be one of {sorted(ACTIVATIONS)}, got {act!r}')
-    return ACTIVATIONS[act]()
+            f'{name} must be one of {sorted(GELU_APPROXIMATIONS)}, '
+            f'got {act!r}')
+    return GELU_APPROXIMATIONS[act]
+
+
+def build_activation(act: str) -> nn.Module:
+    """``nn.GELU`` for 'gelu_tanh' or 'gelu' (:func:`gelu_approximation`)."""
+    return nn.GELU(approximate=gelu_approximation(act))
 
 
 class BatchedExperts(nn.Module):

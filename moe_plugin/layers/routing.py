@@ -264,8 +264,11 @@ class RouterLinear(nn.Module):
         nn.init.trunc_normal_(
             self.weight, std=1.0 / math.sqrt(embed_dims) / .87962566103423978)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``[..., D] -> [..., E]`` logits in float32 (float64 stays)."""
+    def logits(self, x: Tensor) -> Tensor:
+        """``[..., D] -> [..., E]`` clean logits in float32 (float64 stays).
+
+        No noise: the same token gives the same logits in any group.
+        """
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.to(dtype), self.weight.to(dtype))
@@ -304,7 +307,7 @@ class NoisyTopExpertsPerItem(RouterLinear):
             ``expert_load`` (``[E]``).
         """
         num_experts = self.weight.shape[0]
-        logits = super().forward(x)
+        logits = self.logits(x)
         clean_gates = logits.softmax(-1)
         metrics = {
             'importance_loss': importance_loss(clean_gates),
@@ -382,7 +385,7 @@ class NoisyTopItemsPerExpert(RouterLinear):
             raise ValueError(
                 f'expert choice needs capacity <= tokens per group, got '
                 f'capacity={capacity} > {group_tokens}')
-        logits = super().forward(x)
+        logits = self.logits(x)
         if self.training and self.noise_std > 0:
             logits = logits + (self.noise_std / num_experts) * \
                 torch.randn_like(logits)

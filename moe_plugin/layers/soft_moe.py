@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .expert_parallel import shard_experts
+from .base import MoELayer
 from .experts import BatchedExperts
 
 
@@ -121,7 +121,7 @@ def expert_share(combine: Tensor, num_experts: int) -> Tensor:
         return per_expert / per_expert.sum()
 
 
-class SoftMoE(nn.Module):
+class SoftMoE(MoELayer):
     """Soft Mixture of MLP experts, a drop-in for a ViT block's MLP.
 
     A paper implementation of `From Sparse to Soft Mixtures of Experts
@@ -168,21 +168,14 @@ class SoftMoE(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
         self.experts = BatchedExperts(num_experts, embed_dims,
                                       feedforward_channels, act, expert_drop)
-        self.moe_metrics = {}
         self.reset_parameters()
         # After the initialisation: every rank draws the same parameters.
-        self.expert_parallel = expert_parallel
-        shard_experts(self.experts, expert_parallel)
+        self.shard_experts(expert_parallel)
 
     def reset_parameters(self):
         """LeCun-normal ``mu`` (fan-in ``D``), as vmoe; ``scale`` = 1."""
         nn.init.normal_(self.mu, std=1.0 / math.sqrt(self.mu.shape[0]))
         nn.init.ones_(self.scale)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state['moe_metrics'] = {}
-        return state
 
     def routing_weights(self, x: Tensor):
         """Dispatch and combine weights, in float32 (float64 stays).

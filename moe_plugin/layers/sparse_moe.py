@@ -1,10 +1,11 @@
 """The V-MoE layer: router + static index dispatch + batched experts."""
 import numbers
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
-from .expert_parallel import shard_experts
+from .base import MoELayer
+from .dispatch import IndexDispatcher
 from .experts import BatchedExperts
 from .routing import (NoisyTopExpertsPerItem, NoisyTopItemsPerExpert,
                       compute_capacity)
@@ -22,7 +23,7 @@ def _check_group_size(name: str, value) -> None:
         raise ValueError(f'{name} must be >= 1 or None, got {value!r}')
 
 
-class SparseMoE(nn.Module):
+class SparseMoE(MoELayer):
     """Sparse Mixture of MLP experts, a drop-in for a ViT block's MLP.
 
     From "Scaling Vision with Sparse Mixture of Experts" (V-MoE,
@@ -142,16 +143,7 @@ class SparseMoE(nn.Module):
         self.router = router_cls(embed_dims, num_experts, noise_std)
         self.experts = BatchedExperts(num_experts, embed_dims,
                                       feedforward_channels, act, expert_drop)
-        self.expert_parallel = expert_parallel
-        shard_experts(self.experts, expert_parallel)
-        self.moe_metrics: Dict[str, Tensor] = {}
-
-    def __getstate__(self):
-        # The metrics of the last forward hold the autograd graph: copies
-        # and pickles (EMA, deepcopy) start without them.
-        state = super().__getstate__()
-        state['moe_metrics'] = {}
-        return state
+        self.shard_experts(expert_parallel)
 
     def _check_top_k(self, name: str, value: int):
         if not 1 <= value <= self.num_experts:
@@ -185,6 +177,61 @@ class SparseMoE(nn.Module):
                 'group_size')
         return x.reshape(images // group_size, group_size * tokens, dims)
 
+    def capacity_for(self, group_tokens: int) -> int:
+        """The capacity ``B`` in force for groups of ``S`` tokens.
+
+        Uses the options of the current mode (training, or evaluation with
+        any :func:`set_eval_routing` change); expert choice counts ``K = 1``
+        and takes at most ``S`` tokens per expert.
+
+        Args:
+            group_tokens (int): ``S``, tokens per routing group.
+
+        Returns:
+            int: slots per expert and group.
+        """
+        options = self.routing_options()
+        token_choice = self.router_type == 'token_choice'
+        capacity = compute_capacity(
+            group_tokens, self.num_experts,
+            options['top_k'] if token_choice else 1,
+            options['capacity_factor'],
+            self.capacity if options['capacity_factor'] is None else None,
+            self.capacity_multiple_of, self.capacity_rounding)
+        return capacity if token_choice else min(capacity, group_tokens)
+
+    def router_arguments(self, group_tokens: int) -> dict:
+        """The router's keyword arguments for groups of ``S`` tokens.
+
+        Args:
+            group_tokens (int): ``S``.
+
+        Returns:
+            dict: ``capacity`` (:meth:`capacity_for`), and for token choice
+            ``top_k``, ``batch_priority`` and ``renormalize``, as the
+            current mode has them.
+        """
+        arguments = dict(capacity=self.capacity_for(group_tokens))
+        if self.router_type == 'token_choice':
+            options = self.routing_options()
+            arguments.update(
+                top_k=options['top_k'],
+                batch_priority=options['batch_priority'],
+                renormalize=self.renormalize)
+        return arguments
+
+    def route(self, groups: Tensor
+              ) -> Tuple[IndexDispatcher, Dict[str, Tensor]]:
+        """Route grouped tokens with the options in force.
+
+        Args:
+            groups (Tensor): ``[G, S, D]`` tokens (see :meth:`group`).
+
+        Returns:
+            tuple: the router's dispatcher and metrics.
+        """
+        return self.router(groups, **self.router_arguments(groups.shape[1]))
+
     def forward(self, x: Tensor) -> Tensor:
         """Route, run the experts and combine.
 
@@ -194,26 +241,9 @@ class SparseMoE(nn.Module):
         Returns:
             Tensor: ``[B, N, D]``; sets ``self.moe_metrics``.
         """
-        options = self.routing_options()
-        groups = self.group(x, options['group_size'])
-        num_groups, group_tokens, dims = groups.shape
-        if self.router_type == 'token_choice':
-            top_k = options['top_k']
-        else:
-            top_k = 1
-        capacity = compute_capacity(
-            group_tokens, self.num_experts, top_k,
-            options['capacity_factor'],
-            self.capacity if options['capacity_factor'] is None else None,
-            self.capacity_multiple_of, self.capacity_rounding)
-        if self.router_type == 'token_choice':
-            dispatcher, metrics = self.router(groups, top_k, capacity,
-                                              options['batch_priority'],
-                                              self.renormalize)
-        else:
-            dispatcher, metrics = self.router(groups,
-                                              min(capacity, group_tokens))
-        flat = groups.reshape(-1, dims)
+        groups = self.group(x, self.routing_options()['group_size'])
+        dispatcher, metrics = self.route(groups)
+        flat = groups.reshape(-1, groups.shape[-1])
         out = dispatcher.combine(self.experts(dispatcher.dispatch(flat)))
         self.moe_metrics = metrics
         return out.view_as(x)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .expert_parallel import shard_experts
+from .base import MoELayer
 from .experts import BatchedExperts
 from .soft_moe import expert_share, slots_to_tokens, tokens_to_slots
 
@@ -75,7 +75,7 @@ class OffsetScale(nn.Module):
         return x * self.gamma + self.beta
 
 
-class SpheroMoE(nn.Module):
+class SpheroMoE(MoELayer):
     """MoE Jetpack's dual-path SpheroMoE layer, a drop-in for a ViT MLP.
 
     A paper implementation of `MoE Jetpack <https://arxiv.org/abs/2406.
@@ -209,21 +209,12 @@ class SpheroMoE(nn.Module):
             for _ in range(groups)) if expert_layer_scale else None
         self.drop_path = (
             DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity())
-        self.moe_metrics = {}
         self.reset_parameters()
-        self.expert_parallel = expert_parallel
-        for experts in (self.core_experts, self.univ_experts):
-            if experts is not None:
-                shard_experts(experts, expert_parallel)
+        self.shard_experts(expert_parallel)
 
     def reset_parameters(self):
         """Orthogonal slot parameters over the flattened ``[E * p, D]``."""
         nn.init.orthogonal_(self.phi.view(-1, self.phi.shape[-1]))
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state['moe_metrics'] = {}
-        return state
 
     def temperatures(self):
         """Dispatch and combine temperatures, clamped to be positive."""

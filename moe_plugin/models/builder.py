@@ -11,10 +11,16 @@ import torch.nn as nn
 from mmpretrain.registry import MODELS
 
 from moe_plugin import layers as moe_layers_lib
+from moe_plugin.layers import MoELayer
 
 #: Names of the layer classes of :mod:`moe_plugin.layers` that can replace a
-#: ViT FFN. Those the package defines are registered on import.
-MOE_LAYER_TYPES = ('SparseMoE', 'SoftMoE', 'SpheroMoE')
+#: ViT FFN: its :class:`~moe_plugin.layers.MoELayer` subclasses, registered
+#: on import.
+MOE_LAYER_TYPES = tuple(
+    name for name in moe_layers_lib.__all__
+    if inspect.isclass(getattr(moe_layers_lib, name))
+    and issubclass(getattr(moe_layers_lib, name), MoELayer)
+    and getattr(moe_layers_lib, name) is not MoELayer)
 
 
 def register_moe_layers(registry=MODELS) -> list:
@@ -33,9 +39,7 @@ def register_moe_layers(registry=MODELS) -> list:
     """
     names = []
     for name in MOE_LAYER_TYPES:
-        cls = getattr(moe_layers_lib, name, None)
-        if cls is None:
-            continue
+        cls = getattr(moe_layers_lib, name)
         if registry.module_dict.get(name) is not cls:
             registry.register_module(module=cls, force=False)
         names.append(name)

@@ -10,12 +10,13 @@ optionally from activation statistics of calibration images
 from .calibration import balanced_choice, build_dense_vit, calibrate
 from .formats import DenseViT, load_dense_vit, sha256
 from .initializer import RecycleDenseInit
-from .methods import CALIBRATED, METHODS, build_experts, select_indices
-from .recycle import recycle, recycle_backbone, save_recycled
+from .methods import (CALIBRATED, METHODS, RecyclingOptions, build_experts,
+                      select_indices)
+from .recycle import check_sources, recycle, recycle_backbone, save_recycled
 
 __all__ = [
     'DenseViT', 'load_dense_vit', 'sha256', 'METHODS', 'CALIBRATED',
-    'select_indices', 'build_experts', 'calibrate', 'balanced_choice',
-    'build_dense_vit', 'recycle', 'recycle_backbone', 'save_recycled',
-    'RecycleDenseInit'
+    'RecyclingOptions', 'check_sources', 'select_indices', 'build_experts',
+    'calibrate', 'balanced_choice', 'build_dense_vit', 'recycle',
+    'recycle_backbone', 'save_recycled', 'RecycleDenseInit'
 ]

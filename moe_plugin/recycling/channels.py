@@ -29,6 +29,7 @@ the trunk comes from a second, narrower checkpoint and each expert reads
 and writes its own, independently chosen channels of the wide model.
 """
 import re
+from dataclasses import replace
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,7 +37,8 @@ import torch
 from torch import Tensor
 
 from .formats import DenseViT
-from .methods import importance_indices, select_indices, uniform_indices
+from .methods import (RecyclingOptions, importance_indices, select_indices,
+                      uniform_indices)
 
 
 def _evenly_spaced(total: int, keep: int) -> np.ndarray:
@@ -192,13 +194,9 @@ def narrow_to_target(dense: DenseViT,
                      target: Dict[str, Tensor],
                      target_heads: int,
                      moe_blocks: Sequence[int],
-                     method: str,
+                     options: RecyclingOptions,
                      rng: np.random.Generator,
                      stats: Optional[Dict[int, dict]] = None,
-                     importance: str = 'l2',
-                     selection: str = 'sample',
-                     graph: str = 'louvain',
-                     seed: int = 0,
                      num_heads: Optional[int] = None
                      ) -> Tuple[DenseViT, dict]:
     """Choose channels, heads and (for narrower dense blocks) hidden neurons,
@@ -211,12 +209,11 @@ def narrow_to_target(dense: DenseViT,
         target_heads (int): the target's attention heads.
         moe_blocks (Sequence[int]): the target's MoE blocks (their MLPs keep
             every hidden neuron here; the experts choose later).
-        method (str): the recycling method (decides how channels are
-            chosen).
+        options (RecyclingOptions): the recycling method (it decides how
+            channels are chosen) and its settings.
         rng (np.random.Generator): the sampling generator.
         stats (dict, optional): calibration statistics with ``embed`` and
             ``attn`` entries per block. Defaults to None.
-        importance, selection, graph, seed: as :func:`select_indices`.
         num_heads (int, optional): the dense model's heads. Defaults to None
             (from the file, or the dense width over the target head width).
 
@@ -233,9 +230,13 @@ def narrow_to_target(dense: DenseViT,
     if target_heads > heads_total:
         raise ValueError(f'target has {target_heads} attention heads, the '
                          f'dense model only {heads_total}')
+    method, importance = options.method, options.importance
     scores, scored_by = channel_scores(dense, stats, importance)
     channels = _choose(method, scores, width, rng)
     heads, hidden = {}, {}
+    # Dense blocks are narrowed by importance where the experts use a graph.
+    block_options = replace(
+        options, method='importance' if method == 'graph' else method)
     for block in range(dense.num_layers):
         heads[block] = _choose(
             method, head_scores(dense, block, heads_total, stats, importance),
@@ -251,11 +252,9 @@ def narrow_to_target(dense: DenseViT,
                 f'layers.{block}.ffn: the target MLP has {fc1.shape[0]} '
                 f'hidden neurons, the dense one {dense_hidden}; upcycling '
                 'keeps widths, so choose a sampling method')
-        block_method = 'importance' if method == 'graph' else method
         hidden[block] = select_indices(
-            block_method, dense_hidden, fc1.shape[0], 1, rng,
-            None if stats is None else stats.get(block), importance,
-            selection, graph, seed)[0]
+            block_options, dense_hidden, fc1.shape[0], 1, rng,
+            None if stats is None else stats.get(block))[0]
     narrowed = narrow_dense(dense, channels, heads, head_dim, hidden)
     report = dict(
         dense_width=dense.embed_dims,
@@ -269,21 +268,20 @@ def narrow_to_target(dense: DenseViT,
     return narrowed, report
 
 
-def expert_channels(method: str,
+def expert_channels(options: RecyclingOptions,
                     dense: DenseViT,
                     block: int,
                     width: int,
                     count: int,
                     rng: np.random.Generator,
-                    stats: Optional[Dict[int, dict]] = None,
-                    importance: str = 'l2',
-                    selection: str = 'sample') -> np.ndarray:
+                    stats: Optional[Dict[int, dict]] = None) -> np.ndarray:
     """MoE Jetpack's original layout: each expert's own embedding channels
     of the wide model ``[count, width]`` — independent random subsets
     (``random``), the same evenly spaced ones (``uniform``), drawn in
     proportion to the block's calibrated MLP-input importance
     (``importance``, ``graph``; ``top`` takes the most important) or the
     top channels by :func:`channel_scores` (``upcycle``)."""
+    method, importance = options.method, options.importance
     total = dense.embed_dims
     if method == 'random':
         return np.stack([
@@ -295,6 +293,7 @@ def expert_channels(method: str,
     if method in ('importance', 'graph') and _calibrated(
             stats, 'embed', [block]):
         scores = np.asarray(stats[block]['embed'][importance], np.float64)
-        return importance_indices(scores, width, count, rng, selection)
+        return importance_indices(scores, width, count, rng,
+                                  options.selection)
     scores, _ = channel_scores(dense, stats, importance)
     return np.tile(_choose('top', scores, width, rng), (count, 1))

@@ -21,7 +21,7 @@ import os.path as osp
 import pickle
 import re
 import zipfile
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -135,8 +135,20 @@ def _dense(kernel: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(kernel.T))
 
 
-def big_vision_to_canonical(arrays: Dict[str, np.ndarray]) -> DenseViT:
-    """big_vision / vit_jax ``.npz`` arrays to the canonical form."""
+def big_vision_to_canonical(arrays: Dict[str, np.ndarray],
+                            blocks_without_mlp: Sequence[int] = ()
+                            ) -> DenseViT:
+    """big_vision / vit_jax ``.npz`` arrays to the canonical form.
+
+    Args:
+        arrays (dict): ``{'Transformer/encoderblock_0/...': array}``.
+        blocks_without_mlp (Sequence[int]): 0-based blocks that hold no
+            ``MlpBlock`` (e.g. V-MoE's MoE blocks); their ``ffn`` tensors are
+            left out. Defaults to ().
+
+    Returns:
+        DenseViT: the canonical checkpoint.
+    """
     prefix = ''
     for candidate in ('params/', 'opt/target/', 'params/img/'):
         if candidate + 'embedding/kernel' in arrays:
@@ -203,6 +215,8 @@ def big_vision_to_canonical(arrays: Dict[str, np.ndarray]) -> DenseViT:
                 get(f'{block}{theirs}/scale', index))
             state[f'layers.{i}.{ours}.bias'] = torch.from_numpy(
                 get(f'{block}{theirs}/bias', index))
+        if i in blocks_without_mlp:
+            continue
         for r, ours in ((0, 'layers.0.0'), (1, 'layers.1')):
             dense = f'{block}MlpBlock_{mlp}/Dense_{r}/'
             state[f'layers.{i}.ffn.{ours}.weight'] = _dense(

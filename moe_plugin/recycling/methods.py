@@ -6,6 +6,7 @@ sub-network of the dense MLP made of hidden neurons ``indices[e]``
 all of them (``W = H``), the others a subset (``W <= H``), after MoE
 Jetpack (arXiv 2406.04801, Table 3) and Sparse Upcycling (arXiv 2212.05055).
 """
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -18,6 +19,37 @@ SELECTIONS = ('sample', 'top')
 GRAPHS = ('louvain', 'spectral', 'metis')
 #: Methods that need activation statistics from calibration images.
 CALIBRATED = ('importance', 'graph')
+
+
+@dataclass(frozen=True)
+class RecyclingOptions:
+    """How the experts (and, for a wider dense model, the channels) are
+    chosen: the options :func:`~moe_plugin.recycling.recycle_backbone`
+    hands down to the selection functions.
+
+    The values are checked where they are used (an unknown method by
+    :func:`select_indices`, the importance metric only for the calibrated
+    methods), so that each error names the setting that matters.
+
+    Attributes:
+        method (str): one of :data:`METHODS`. Defaults to 'upcycle'.
+        importance (str): one of :data:`IMPORTANCE`, the calibrated metric.
+            Defaults to 'l2'.
+        selection (str): one of :data:`SELECTIONS`: importance sampling or
+            the top neurons. Defaults to 'sample'.
+        graph (str): one of :data:`GRAPHS`, the partitioning of the
+            co-activation graph. Defaults to 'louvain'.
+        seed (int): seed of the sampling, the partitioning and the noise.
+            Defaults to 0.
+        noise (float): std of Gaussian noise added to the expert kernels.
+            Defaults to 0.
+    """
+    method: str = 'upcycle'
+    importance: str = 'l2'
+    selection: str = 'sample'
+    graph: str = 'louvain'
+    seed: int = 0
+    noise: float = 0.0
 
 
 def upcycle_indices(hidden: int, width: int, count: int) -> np.ndarray:
@@ -164,22 +196,28 @@ def graph_indices(coactivation: np.ndarray, importance: np.ndarray,
     return np.stack(experts)
 
 
-def select_indices(method: str,
+def select_indices(options: RecyclingOptions,
                    hidden: int,
                    width: int,
                    count: int,
                    rng: np.random.Generator,
-                   stats: Optional[dict] = None,
-                   importance: str = 'l2',
-                   selection: str = 'sample',
-                   graph: str = 'louvain',
-                   seed: int = 0) -> np.ndarray:
-    """Dispatch to a method. ``stats`` holds the calibration statistics
-    (``l1``, ``l2``, ``freq`` ``[H]``, ``coactivation`` ``[H, H]``).
+                   stats: Optional[dict] = None) -> np.ndarray:
+    """Dispatch to ``options.method``.
+
+    Args:
+        options (RecyclingOptions): the method and its settings.
+        hidden (int): ``H``, the dense MLP's hidden neurons.
+        width (int): ``W``, hidden neurons per expert.
+        count (int): ``E``, experts.
+        rng (np.random.Generator): the sampling generator.
+        stats (dict, optional): the block's calibration statistics (``l1``,
+            ``l2``, ``freq`` ``[H]``, ``coactivation`` ``[H, H]``).
+            Defaults to None.
 
     Returns:
         np.ndarray: ``[count, width]`` hidden-neuron indices, int64.
     """
+    method, importance = options.method, options.importance
     if method not in METHODS:
         raise ValueError(f'unknown method {method!r}; valid: {METHODS}')
     if not 1 <= width <= hidden:
@@ -198,9 +236,10 @@ def select_indices(method: str,
                          f'{importance!r}')
     scores = stats[importance]
     if method == 'importance':
-        return importance_indices(scores, width, count, rng, selection)
-    return graph_indices(stats['coactivation'], scores, width, count, graph,
-                         seed)
+        return importance_indices(scores, width, count, rng,
+                                  options.selection)
+    return graph_indices(stats['coactivation'], scores, width, count,
+                         options.graph, options.seed)
 
 
 def build_experts(fc1_weight: Tensor,

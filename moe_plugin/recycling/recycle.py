@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..fileio import atomic_outputs, check_outputs
 from .channels import expert_channels, narrow_to_target
 from .formats import DenseViT
-from .methods import build_experts, select_indices
+from .methods import RecyclingOptions, build_experts, select_indices
 
 #: Expert groups of each MoE layer type: attribute -> report name.
 EXPERT_GROUPS = (('experts', 'experts'), ('core_experts', 'core'),
@@ -67,6 +67,104 @@ def check_compatible(dense: DenseViT,
             and theirs[0] == ours[0]):
         raise ValueError(f'dense checkpoint has {dense.num_heads} attention '
                          f'heads, the target model {heads}')
+
+
+def check_sources(dense: DenseViT,
+                  backbone: nn.Module,
+                  trunk: Optional[DenseViT] = None) -> None:
+    """The checks recycling runs before anything else, for callers that
+    want them before a long step (calibration): ``trunk`` must match the
+    target, ``dense`` may be wider (:func:`check_compatible`)."""
+    if trunk is not None:
+        check_compatible(trunk, backbone)
+    check_compatible(dense, backbone, allow_wider=True)
+
+
+def _narrow_to_target(dense: DenseViT, backbone: nn.Module,
+                      target: Dict[str, Tensor], options: RecyclingOptions,
+                      rng: np.random.Generator,
+                      stats: Optional[Dict[int, dict]],
+                      dense_heads: Optional[int],
+                      report: dict) -> DenseViT:
+    """A dense model wider than the target narrowed by channel selection
+    (its choices added to ``report``); one of the target's width as is."""
+    if dense.embed_dims == target['patch_embed.projection.weight'].shape[0]:
+        return dense
+    dense, channel_report = narrow_to_target(
+        dense, target, backbone.layers[0].attn.num_heads,
+        tuple(getattr(backbone, 'moe_layers', ())), options, rng, stats,
+        dense_heads)
+    report.update(channel_report)
+    return dense
+
+
+def _recycle_experts(layer: nn.Module, block: int, dense: DenseViT,
+                     target: Dict[str, Tensor], options: RecyclingOptions,
+                     rng: np.random.Generator, generator: torch.Generator,
+                     stats: Optional[Dict[int, dict]],
+                     own_channels: bool) -> Tuple[dict, dict, dict]:
+    """One MoE block's expert groups cut from the block's dense MLP.
+
+    Args:
+        own_channels (bool): each expert takes its own embedding channels
+            of ``dense`` (MoE Jetpack's original layout, with a trunk).
+
+    Returns:
+        tuple: the experts' tensors by state-dict key, each group's neuron
+        indices and (``own_channels``) each group's channels, by report
+        name.
+    """
+    fc1_w, fc1_b, fc2_w, fc2_b = dense.fc(block)
+    state, neurons, channels_of = {}, {}, {}
+    for attr, name in EXPERT_GROUPS:
+        experts = getattr(layer, attr, None)
+        if experts is None:
+            continue
+        count, embed_dims, width = experts.w1.shape
+        indices = select_indices(options, fc1_w.shape[0], width, count, rng,
+                                 None if stats is None else stats.get(block))
+        channels = None
+        if own_channels:
+            channels = expert_channels(options, dense, block, embed_dims,
+                                       count, rng, stats)
+            channels_of[name] = channels.tolist()
+        tensors = build_experts(fc1_w, fc1_b, fc2_w, fc2_b, indices,
+                                channels)
+        for tensor_name, value in zip(('w1', 'b1', 'w2', 'b2'), tensors):
+            key = f'layers.{block}.ffn.{attr}.{tensor_name}'
+            if options.noise > 0 and tensor_name in ('w1', 'w2'):
+                value = value + options.noise * torch.randn(
+                    value.shape, generator=generator, dtype=value.dtype)
+            state[key] = value.to(target[key].dtype)
+        neurons[name] = indices.tolist()
+    return state, neurons, channels_of
+
+
+def _copy_dense_tensors(backbone: nn.Module, target: Dict[str, Tensor],
+                        source: DenseViT, state: dict, used: set,
+                        report: dict) -> None:
+    """Every target tensor not built yet: copied from ``source`` (the
+    position embedding resized to the target's grid), or left fresh."""
+    moe_blocks = tuple(getattr(backbone, 'moe_layers', ()))
+    num_extra = getattr(backbone, 'num_extra_tokens', 1)
+    for key, value in target.items():
+        if key in state:
+            continue
+        if key in source.state and not any(
+                key.startswith(f'layers.{i}.ffn.') for i in moe_blocks):
+            value_in = source.state[key]
+            if key == 'pos_embed' and value_in.shape != value.shape:
+                value_in = _resize_pos_embed(value_in, value, num_extra)
+            if tuple(value_in.shape) != tuple(value.shape):
+                raise ValueError(f'{key}: checkpoint '
+                                 f'{tuple(value_in.shape)} vs model '
+                                 f'{tuple(value.shape)}')
+            state[key] = value_in.to(value.dtype)
+            report['copied'].append(key)
+            used.add(key)
+        else:
+            state[key] = value.clone()
+            report['fresh'].append(key)
 
 
 def recycle_backbone(dense: DenseViT,
@@ -116,83 +214,34 @@ def recycle_backbone(dense: DenseViT,
     """
     if noise < 0:
         raise ValueError(f'noise must be >= 0, got {noise}')
+    options = RecyclingOptions(method, importance, selection, graph, seed,
+                               noise)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     target = backbone.state_dict()
-    moe_blocks = tuple(getattr(backbone, 'moe_layers', ()))
     report = dict(copied=[], sampled=[], fresh=[], experts={})
+    check_sources(dense, backbone, trunk)
     if trunk is not None:
-        check_compatible(trunk, backbone)
-        check_compatible(dense, backbone, allow_wider=True)
-        source = trunk
         report['expert_channels'] = {}
     else:
-        check_compatible(dense, backbone, allow_wider=True)
-        if dense.embed_dims != target['patch_embed.projection.weight'].shape[
-                0]:
-            dense, channel_report = narrow_to_target(
-                dense, target, backbone.layers[0].attn.num_heads, moe_blocks,
-                method, rng, stats, importance, selection, graph, seed,
-                dense_heads)
-            report.update(channel_report)
-        source = dense
+        dense = _narrow_to_target(dense, backbone, target, options, rng,
+                                  stats, dense_heads, report)
     state, used = {}, set()
-    for i in moe_blocks:
-        layer = backbone.layers[i].ffn
-        prefix = f'layers.{i}.ffn.'
-        fc1_w, fc1_b, fc2_w, fc2_b = dense.fc(i)
+    for i in getattr(backbone, 'moe_layers', ()):
+        experts, neurons, channels = _recycle_experts(
+            backbone.layers[i].ffn, i, dense, target, options, rng,
+            generator, stats, own_channels=trunk is not None)
+        state.update(experts)
+        report['sampled'].extend(experts)
         used.update(f'layers.{i}.ffn.layers.{n}' for n in (
             '0.0.weight', '0.0.bias', '1.weight', '1.bias'))
-        block_report, block_channels = {}, {}
-        for attr, name in EXPERT_GROUPS:
-            experts = getattr(layer, attr, None)
-            if experts is None:
-                continue
-            count, embed_dims, width = experts.w1.shape
-            indices = select_indices(
-                method, fc1_w.shape[0], width, count, rng,
-                None if stats is None else stats.get(i), importance,
-                selection, graph, seed)
-            channels = None
-            if trunk is not None:
-                channels = expert_channels(method, dense, i, embed_dims,
-                                           count, rng, stats, importance,
-                                           selection)
-                block_channels[name] = channels.tolist()
-            tensors = build_experts(fc1_w, fc1_b, fc2_w, fc2_b, indices,
-                                    channels)
-            for tensor_name, value in zip(('w1', 'b1', 'w2', 'b2'), tensors):
-                key = f'{prefix}{attr}.{tensor_name}'
-                if noise > 0 and tensor_name in ('w1', 'w2'):
-                    value = value + noise * torch.randn(
-                        value.shape, generator=generator, dtype=value.dtype)
-                state[key] = value.to(target[key].dtype)
-                report['sampled'].append(key)
-            block_report[name] = indices.tolist()
-        report['experts'][f'layers.{i}'] = block_report
+        report['experts'][f'layers.{i}'] = neurons
         if trunk is not None:
-            report['expert_channels'][f'layers.{i}'] = block_channels
+            report['expert_channels'][f'layers.{i}'] = channels
     if trunk is not None:
         used = set()  # the wide model gave the experts only
-    num_extra = getattr(backbone, 'num_extra_tokens', 1)
-    for key, value in target.items():
-        if key in state:
-            continue
-        if key in source.state and not any(
-                key.startswith(f'layers.{i}.ffn.') for i in moe_blocks):
-            value_in = source.state[key]
-            if key == 'pos_embed' and value_in.shape != value.shape:
-                value_in = _resize_pos_embed(value_in, value, num_extra)
-            if tuple(value_in.shape) != tuple(value.shape):
-                raise ValueError(f'{key}: checkpoint '
-                                 f'{tuple(value_in.shape)} vs model '
-                                 f'{tuple(value.shape)}')
-            state[key] = value_in.to(value.dtype)
-            report['copied'].append(key)
-            used.add(key)
-        else:
-            state[key] = value.clone()
-            report['fresh'].append(key)
+    source = dense if trunk is None else trunk
+    _copy_dense_tensors(backbone, target, source, state, used, report)
     report['unused'] = sorted(set(source.state) - used)
     return state, report
 

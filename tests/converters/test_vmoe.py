@@ -1,5 +1,6 @@
-"""V-MoE checkpoints: the reader's round trip, converted logits against
-V-MoE's equations (``vmoe_writer.vmoe_forward``), the CLI and bad input."""
+"""V-MoE checkpoints: every tensor in its place, converted logits against
+V-MoE's equations (``vmoe_writer.vmoe_forward``), the CLI and bad input
+(the reader's own round trips: ``test_vmoe_checkpoint.py``)."""
 import os
 import os.path as osp
 import sys
@@ -11,30 +12,16 @@ from mmengine.config import Config
 from mmpretrain.registry import MODELS
 
 import moe_plugin  # noqa: F401
-from moe_plugin.converters.vmoe import (convert_vmoe, read_vmoe_checkpoint,
-                                        vmoe_to_mmpretrain)
+from moe_plugin.converters.vmoe import convert_vmoe, vmoe_to_mmpretrain
+from moe_plugin.converters.vmoe_checkpoint import read_vmoe_checkpoint
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from vmoe_writer import (make_params, vmoe_forward,  # noqa: E402
-                         write_vmoe_checkpoint)
+from vmoe_writer import (BF16, SPARSE, SPLIT, make_params,  # noqa: E402
+                         vmoe_forward, write)
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.join(REPO_ROOT, 'tools', 'model_converters'))
 import vmoe_to_mmpretrain as vmoe_cli  # noqa: E402
-
-#: 12 blocks: encoderblock_10 and _11 sort before _2 as strings.
-SPARSE = dict(depth=12, moe_blocks=(2, 10, 11), classifier='token')
-BF16 = ('Encoder/encoderblock_10/SelfAttention/query/kernel',
-        'Encoder/encoderblock_2/Moe/Mlp/Dense_1/kernel', 'head/kernel',
-        'Encoder/posembed_input/pos_embedding')
-SPLIT = ('Encoder/encoderblock_10/Moe/Mlp/Dense_0/kernel',
-         'Encoder/encoderblock_3/Mlp/Dense_1/kernel')
-
-
-def write(tmp_path, params, name='ckpt', **kwargs):
-    prefix = str(tmp_path / name)
-    expected = write_vmoe_checkpoint(prefix, params, **kwargs)
-    return prefix, expected
 
 
 def converted_model(prefix, **routing):
@@ -47,39 +34,6 @@ def converted_model(prefix, **routing):
 def images(n, size=16, seed=0):
     return torch.randn(n, 3, size, size,
                        generator=torch.Generator().manual_seed(seed))
-
-
-def test_reader_round_trip_two_shards_split_bf16(tmp_path):
-    params = make_params(0, **SPARSE)
-    prefix, expected = write(tmp_path, params, bf16=BF16, split=SPLIT)
-    assert osp.isfile(prefix + '.data-00001-of-00002')
-    read = read_vmoe_checkpoint(prefix)
-    assert sorted(read) == sorted(params)
-    for name, value in expected.items():
-        assert read[name].dtype == np.float32
-        assert np.array_equal(read[name], value), name
-    # bfloat16 leaves really were rounded, the others not.
-    name = BF16[0]
-    assert not np.array_equal(read[name], params[name])
-    assert np.array_equal(read[SPLIT[0]], params[SPLIT[0]])
-
-
-def test_reader_takes_every_piece_of_a_leaf_in_one_shard(tmp_path):
-    # Three pieces in two shards: shard 0 holds pieces 0 and 2 of each leaf.
-    params = make_params(0, **SPARSE)
-    prefix, expected = write(tmp_path, params, split=SPLIT, split_pieces=3)
-    read = read_vmoe_checkpoint(prefix)
-    for name in SPLIT:
-        assert params[name].shape[0] >= 3
-        assert np.array_equal(read[name], expected[name]), name
-
-
-def test_reader_old_index_without_version_and_more_shards(tmp_path):
-    params = make_params(1, depth=2, moe_blocks=(1, ))
-    prefix, expected = write(tmp_path, params, num_shards=5, version=False,
-                             subchunk=3)
-    read = read_vmoe_checkpoint(prefix)
-    assert all(np.array_equal(read[k], v) for k, v in expected.items())
 
 
 def test_every_tensor_lands_in_its_place(tmp_path):
@@ -257,8 +211,6 @@ def test_unknown_architecture(tmp_path):
         (32, 2, 2), np.float32)
     prefix, _ = write(tmp_path, params, name='eee')
     _cli_fails(prefix, tmp_path, 'E3 ensemble')
-    with pytest.raises(FileNotFoundError, match='index'):
-        read_vmoe_checkpoint(str(tmp_path / 'nothing'))
 
 
 def test_converted_config_evaluates_with_tools_test(tmp_path,

@@ -19,6 +19,14 @@ import torch
 
 MAGIC = '__msgpack_array_chunk_a87ca2__'
 
+#: 12 blocks: encoderblock_10 and _11 sort before _2 as strings.
+SPARSE = dict(depth=12, moe_blocks=(2, 10, 11), classifier='token')
+BF16 = ('Encoder/encoderblock_10/SelfAttention/query/kernel',
+        'Encoder/encoderblock_2/Moe/Mlp/Dense_1/kernel', 'head/kernel',
+        'Encoder/posembed_input/pos_embedding')
+SPLIT = ('Encoder/encoderblock_10/Moe/Mlp/Dense_0/kernel',
+         'Encoder/encoderblock_3/Mlp/Dense_1/kernel')
+
 
 # --- writer ------------------------------------------------------------------
 def _pack(value) -> bytes:
@@ -129,6 +137,14 @@ def write_vmoe_checkpoint(prefix, params, num_shards=2, bf16=(),
 
 
 # --- parameters --------------------------------------------------------------
+def write(tmp_path, params, name='ckpt', **kwargs):
+    """:func:`write_vmoe_checkpoint` to ``tmp_path / name``: the prefix and
+    the arrays as stored."""
+    prefix = str(tmp_path / name)
+    expected = write_vmoe_checkpoint(prefix, params, **kwargs)
+    return prefix, expected
+
+
 def make_params(seed, dims=32, depth=4, heads=2, mlp=64, patch=4, img=16,
                 classes=10, moe_blocks=(1, 3), kind='sparse', experts=4,
                 slots=2, classifier='token', representation=None):

@@ -15,9 +15,9 @@ from mmpretrain.registry import MODELS
 from safetensors.torch import save_file
 
 import moe_plugin  # noqa: F401
-from moe_plugin.recycling import (balanced_choice, calibrate, load_dense_vit,
-                                  recycle, recycle_backbone, save_recycled,
-                                  select_indices)
+from moe_plugin.recycling import (RecyclingOptions, balanced_choice, calibrate,
+                                  load_dense_vit, recycle, recycle_backbone,
+                                  save_recycled, select_indices)
 from moe_plugin.recycling.calibration import NeuronStatistics
 from moe_plugin.recycling.methods import partition_graph
 
@@ -218,13 +218,14 @@ def test_importance_sampling_prefers_important_neurons():
     scores = np.full(64, 0.1)
     scores[:8] = 10.0
     stats = dict(l2=scores, l1=scores, freq=scores)
-    indices = select_indices('importance', 64, 8, 200, rng, stats, 'l2')
+    indices = select_indices(RecyclingOptions('importance'), 64, 8, 200, rng,
+                             stats)
     share = np.isin(indices, np.arange(8)).mean()
     # P(first draw important) = 80 / 85.6; without replacement it stays
     # high. Uniform sampling would give 8 / 64 = 0.125.
     assert share > 0.8
-    top = select_indices('importance', 64, 8, 3, rng, stats, 'l2',
-                         selection='top')
+    top = select_indices(RecyclingOptions('importance', selection='top'),
+                         64, 8, 3, rng, stats)
     assert (top == np.arange(8)).all()
 
 
@@ -240,8 +241,8 @@ def test_graph_partitioning_recovers_a_planted_partition(algorithm):
     found = {frozenset(np.flatnonzero(labels == k)) for k in range(4)}
     assert found == {frozenset(g) for g in groups}
     stats = dict(l2=np.ones(16), coactivation=coactivation)
-    indices = select_indices('graph', 16, 4, 4, rng, stats, 'l2',
-                             graph=algorithm)
+    indices = select_indices(RecyclingOptions('graph', graph=algorithm), 16,
+                             4, 4, rng, stats)
     assert {frozenset(e) for e in indices.tolist()} == found
 
 

@@ -83,7 +83,6 @@ def ring_bytes(numel_bytes, ranks):
 def analyse(backbone, batch, gpus):
     """Rows for one model at every world size in ``gpus``."""
     from moe_plugin.layers import SparseMoE
-    from moe_plugin.layers.routing import compute_capacity
     dims = backbone.embed_dims
     tokens = (backbone.patch_resolution[0] * backbone.patch_resolution[1] +
               backbone.num_extra_tokens)
@@ -96,10 +95,7 @@ def analyse(backbone, batch, gpus):
         p.numel() for p in backbone.parameters()) - expert_params
     hidden = moe[0].experts.w1.shape[-1]
     group = moe[0].group_size or 1
-    capacity = compute_capacity(group * tokens, experts, moe[0].top_k,
-                                moe[0].capacity_factor, None,
-                                moe[0].capacity_multiple_of,
-                                moe[0].capacity_rounding)
+    capacity = moe[0].capacity_for(group * tokens)
     slots = (batch // group) * capacity  # C of the buffer
     block = tokens * batch * dims * (34 + 5 * heads * tokens / dims)
     mlp = tokens * batch * 19 * dims

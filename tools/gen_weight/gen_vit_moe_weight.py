@@ -44,6 +44,9 @@ original layout, for comparison).
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
+    from moe_plugin.recycling.methods import (GRAPHS, IMPORTANCE, METHODS,
+                                              SELECTIONS)
     parser = argparse.ArgumentParser(
         description='Recycle a dense ViT checkpoint into MoE weights',
         epilog=METHOD_HELP,
@@ -69,7 +72,7 @@ def parse_args(argv=None):
         "store them (default: its width over the target's head width)")
     parser.add_argument(
         '--method', default='upcycle',
-        choices=['upcycle', 'random', 'uniform', 'importance', 'graph'],
+        choices=METHODS,
         help='how experts are made from the dense MLPs (see below)')
     parser.add_argument('--out', help='output file (default: weights/'
                         '<config name>_<method>.pth)')
@@ -82,12 +85,10 @@ def parse_args(argv=None):
     parser.add_argument(
         '--calib-classes', type=int,
         help='the calibration data must cover this many classes')
-    parser.add_argument('--importance', default='l2',
-                        choices=['l1', 'l2', 'freq'])
+    parser.add_argument('--importance', default='l2', choices=IMPORTANCE)
     parser.add_argument('--importance-select', default='sample',
-                        choices=['sample', 'top'])
-    parser.add_argument('--graph', default='louvain',
-                        choices=['louvain', 'spectral', 'metis'])
+                        choices=SELECTIONS)
+    parser.add_argument('--graph', default='louvain', choices=GRAPHS)
     parser.add_argument('--noise', type=float, default=0.0,
                         help='std of noise added to the expert kernels')
     parser.add_argument(
@@ -152,7 +153,6 @@ def main(argv=None):
     import moe_plugin  # noqa: F401
     from moe_plugin import recycling
     from moe_plugin.recycling.channels import dense_num_heads
-    from moe_plugin.recycling.recycle import check_compatible
 
     start = time.perf_counter()
     cfg = Config.fromfile(args.config)
@@ -179,20 +179,20 @@ def main(argv=None):
     trunk = None
     if args.trunk:
         trunk = recycling.load_dense_vit(args.trunk, args.trunk_format)
-        check_compatible(trunk, backbone)
-    check_compatible(dense, backbone, allow_wider=True)
-    target_heads = backbone.layers[0].attn.num_heads
-    wider = dense.embed_dims != backbone.embed_dims
-    dense_heads = target_heads
-    if wider:
-        dense_heads = dense_num_heads(dense,
-                                      backbone.embed_dims // target_heads,
-                                      args.dense_heads)
     loaded = time.perf_counter()
 
     stats = None
     calib_seconds = 0.0
     if args.method in recycling.CALIBRATED:
+        # Recycling checks the models again; a mismatch fails here first,
+        # before the calibration pass.
+        recycling.check_sources(dense, backbone, trunk)
+        target_heads = backbone.layers[0].attn.num_heads
+        wider = dense.embed_dims != backbone.embed_dims
+        dense_heads = target_heads
+        if wider:
+            dense_heads = dense_num_heads(
+                dense, backbone.embed_dims // target_heads, args.dense_heads)
         dense_model = recycling.build_dense_vit(dense, backbone,
                                                 dense_heads).to(args.device)
         batches, count = calibration_batches(args, cfg, backbone)

@@ -12,14 +12,8 @@ from timm.layers import AttentionPoolLatent
 from torch import Tensor
 
 from ...layers.expert_parallel import full_parameter_shapes
+from ...layers.experts import gelu_approximation
 from ..builder import build_moe_layer
-
-#: FFN activations: V-MoE (flax ``nn.gelu``) uses the tanh approximation,
-#: MMPretrain/timm/DeiT the exact GELU.
-ACT_CFGS = {
-    'gelu_tanh': dict(type='GELU', approximate='tanh'),
-    'gelu': dict(type='GELU'),
-}
 
 
 def parse_moe_layers(moe_layers: Union[str, Sequence[int], None],
@@ -246,9 +240,7 @@ class VisionMoE(VisionTransformer):
         arch_settings = self._resolve_arch(arch)
         num_layers = arch_settings['num_layers']
         moe_indices = parse_moe_layers(moe_layers, num_layers)
-        if act not in ACT_CFGS:
-            raise ValueError(
-                f'`act` must be one of {sorted(ACT_CFGS)}, got {act!r}')
+        approximate = gelu_approximation(act, '`act`')
         out_type = self.OUT_TYPE_ALIASES.get(out_type, out_type)
         if isinstance(layer_cfgs, dict):
             layer_cfgs = [layer_cfgs] * num_layers
@@ -256,7 +248,8 @@ class VisionMoE(VisionTransformer):
             raise ValueError(f'`layer_cfgs` has {len(layer_cfgs)} entries '
                              f'for {num_layers} blocks')
         layer_cfgs = [
-            dict(dict(act_cfg=ACT_CFGS[act]), **cfg) for cfg in layer_cfgs
+            dict(dict(act_cfg=dict(type='GELU', approximate=approximate)),
+                 **cfg) for cfg in layer_cfgs
         ]
         # Freezing waits until the MoE blocks and attn_pool exist.
         super().__init__(
@@ -268,7 +261,6 @@ class VisionMoE(VisionTransformer):
             frozen_stages=-1,
             layer_cfgs=layer_cfgs,
             **kwargs)
-        self.act = act
 
         self.moe_layers = tuple(moe_indices)
         moe_cfg = dict(type='SparseMoE') if moe_cfg is None else moe_cfg
@@ -302,9 +294,7 @@ class VisionMoE(VisionTransformer):
                 self.embed_dims,
                 norm_layer=partial(
                     nn.LayerNorm, eps=norm_cfg.get('eps', 1e-5)),
-                act_layer=partial(
-                    nn.GELU,
-                    approximate='tanh' if act == 'gelu_tanh' else 'none'))
+                act_layer=partial(nn.GELU, approximate=approximate))
 
         self._register_load_state_dict_pre_hook(self._check_shapes)
         self.frozen_stages = frozen_stages

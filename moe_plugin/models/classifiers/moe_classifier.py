@@ -9,6 +9,8 @@ from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 from torch import Tensor
 
+from moe_plugin.layers import is_moe_layer
+
 #: The auxiliary losses an MoE layer may report, as ``f'{name}_loss'`` in its
 #: ``moe_metrics``, and V-MoE's weights for them.
 DEFAULT_AUX_LOSS_WEIGHTS = dict(importance=0.005, load=0.005, gshard=0., z=0.)
@@ -19,8 +21,9 @@ class MoEImageClassifier(ImageClassifier):
     """Image classifier for models with Mixture-of-Experts layers.
 
     As MMPretrain's ``ImageClassifier``, but :meth:`loss` also collects the
-    routing metrics of every submodule that has a ``moe_metrics`` dict (the
-    MoE layers, after the forward pass) and returns:
+    routing metrics of every MoE layer (a submodule with a ``moe_metrics``
+    dict, :func:`~moe_plugin.layers.is_moe_layer`; set by the forward pass)
+    and returns:
 
     - ``loss_cls``: the head's loss (the head's ``loss`` key renamed; its
       other keys are kept).
@@ -82,7 +85,7 @@ class MoEImageClassifier(ImageClassifier):
                 (name[len('backbone.'):]
                  if name.startswith('backbone.') else name, module)
                 for name, module in self.named_modules()
-                if isinstance(getattr(module, 'moe_metrics', None), dict)
+                if is_moe_layer(module)
             ]
         return self._moe_modules
 
