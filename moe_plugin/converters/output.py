@@ -8,6 +8,7 @@ its folder and is renamed; an existing output is an error unless ``force``.
 import os.path as osp
 import pprint
 import tempfile
+import textwrap
 from typing import Dict, Optional
 
 import torch
@@ -96,6 +97,29 @@ def config_text(model_cfg: dict,
             f.write(body + '\n')
         text = Config.fromfile(path).pretty_text
     return header.rstrip('\n') + '\n' + text
+
+
+def config_header(template: str, **fields) -> str:
+    """The comment lines put first in a converted config: ``template``
+    filled with ``fields``, each line wrapped at 79 columns (continuation
+    lines start with ``#   ``).
+
+    Args:
+        template (str): lines starting with ``#``, with ``{name}`` fields.
+        **fields: the values of the fields.
+
+    Returns:
+        str: the header, one comment line per line.
+    """
+    text = template.format(**fields)
+    return '\n'.join(
+        '\n'.join(textwrap.wrap(line, 79, subsequent_indent='#   '))
+        for line in text.splitlines())
+
+
+def arch_text(arch) -> str:
+    """``key=value, ...`` of an architecture ``NamedTuple``."""
+    return ', '.join(f'{k}={v}' for k, v in arch._asdict().items())
 
 
 def _write_text(path: str, text: str) -> None:
