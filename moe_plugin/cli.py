@@ -173,7 +173,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], object],
     handle_sigterm()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return main(argv)
+        return main() if argv is None else main(argv)
     except expected as error:
         if '--debug' in args:
             raise

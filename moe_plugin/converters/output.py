@@ -122,6 +122,14 @@ def arch_text(arch) -> str:
     return ', '.join(f'{k}={v}' for k, v in arch._asdict().items())
 
 
+def imagenet_meta(num_classes: int) -> dict:
+    """``meta`` with ImageNet-1k's class names for a 1000-class model (the
+    written config evaluates on ImageNet), else ``{}``."""
+    from ..datasets.meta import dataset_classes, weights_meta
+    return weights_meta(num_classes,
+                        dataset_classes(dict(type='ImageNet')))
+
+
 def _write_text(path: str, text: str) -> None:
     with open(path, 'w') as f:
         f.write(text)
@@ -131,15 +139,19 @@ def save_converted(state: Dict[str, Tensor],
                    out: str,
                    config: Optional[str] = None,
                    config_out: Optional[str] = None,
-                   force: bool = False) -> None:
-    """Write ``{'state_dict': state}`` to ``out`` and ``config`` (text) to
+                   force: bool = False,
+                   meta: Optional[dict] = None) -> None:
+    """Write ``{'state_dict': state}`` (and ``'meta': meta``, e.g. the
+    class names, when given) to ``out`` and ``config`` (text) to
     ``config_out``, each to a temporary name then renamed; nothing is
     written when an output exists and ``force`` is False.
     """
     check_outputs([out, config_out], force)
     with atomic_outputs([out, config_out]) as (tmp, tmp_config):
-        torch.save(
-            {'state_dict': {k: v.contiguous()
-                            for k, v in state.items()}}, tmp)
+        checkpoint = {'state_dict': {k: v.contiguous()
+                                     for k, v in state.items()}}
+        if meta:
+            checkpoint['meta'] = meta
+        torch.save(checkpoint, tmp)
         if tmp_config is not None:
             _write_text(tmp_config, config)

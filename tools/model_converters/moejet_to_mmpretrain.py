@@ -57,7 +57,8 @@ def main(argv=None):
     from moe_plugin.converters.moejet import convert_moejet
     from moe_plugin.converters.output import (arch_text, build_checked_model,
                                               check_outputs, config_header,
-                                              config_text, save_converted)
+                                              config_text, imagenet_meta,
+                                              save_converted)
     check_outputs([args.out, args.config_out], args.force)
     state, model_cfg, arch = convert_moejet(args.src, args.num_heads)
     build_checked_model(model_cfg, state)
@@ -71,7 +72,8 @@ def main(argv=None):
             heads=(f'--num-heads {args.num_heads}' if args.num_heads
                    else f'embed_dims // 64 = {arch.num_heads}'))
         config = config_text(model_cfg, arch.img_size, header)
-    save_converted(state, args.out, config, args.config_out, args.force)
+    save_converted(state, args.out, config, args.config_out, args.force,
+                   imagenet_meta(arch.num_classes))
     print(f'wrote {args.out}' +
           (f' and {args.config_out}' if args.config_out else '') +
           f': {arch.num_layers} blocks, MoE blocks {list(arch.moe_layers)} '

@@ -92,7 +92,8 @@ def main(argv=None):
     args = parse_args(argv)
     from moe_plugin.converters.output import (arch_text, build_checked_model,
                                               check_outputs, config_header,
-                                              config_text, save_converted)
+                                              config_text, imagenet_meta,
+                                              save_converted)
     from moe_plugin.converters.vmoe import convert_vmoe, vmoe_test_pipeline
     check_outputs([args.out, args.config_out], args.force)
     routing = dict(
@@ -118,7 +119,8 @@ def main(argv=None):
             routing=shown)
         config = config_text(model_cfg, arch.img_size, header,
                              vmoe_test_pipeline(arch.img_size))
-    save_converted(state, args.out, config, args.config_out, args.force)
+    save_converted(state, args.out, config, args.config_out, args.force,
+                   imagenet_meta(arch.num_classes))
     print(f'wrote {args.out}' +
           (f' and {args.config_out}' if args.config_out else '') +
           f': {arch.num_layers} blocks, MoE blocks {list(arch.moe_layers)} '
