@@ -141,8 +141,9 @@ def load_torch_file(path: str, what: str = 'checkpoint'):
             ) from error
         raise ValueError(f'{what} {path} is not a PyTorch checkpoint '
                          f'(corrupt, truncated or another format)') from error
-    except (KeyError, EOFError, RuntimeError, zipfile.BadZipFile,
-            UnicodeDecodeError, ValueError) as error:
+    except OSError:
+        raise
+    except Exception as error:  # torch's unpickler fails in many ways
         raise ValueError(f'{what} {path} is not a PyTorch checkpoint '
                          f'(corrupt, truncated or another format: '
                          f'{type(error).__name__})') from error
