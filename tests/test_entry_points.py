@@ -393,3 +393,34 @@ run_main(main)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and 'interrupted' in err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('config, timm_name', [
+    ('configs/vmoe/vmoe-timm-s16-every2_8xb128_in1k-upcycled.py',
+     'vit_small_patch16_224'),
+    ('configs/vmoe/vmoe-timm-b16-every2_8xb128_in1k-upcycled.py',
+     'vit_base_patch16_224'),
+])
+def test_timm_trunk_configs_take_timm_checkpoints(tmp_path, config,
+                                                  timm_name):
+    """timm's own architecture (2 of its 12 blocks, for speed) upcycles
+    into the config's model with every tensor but the routers copied."""
+    import timm
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+
+    from moe_plugin import recycling
+    vit = timm.create_model(timm_name, pretrained=False, depth=2)
+    path = tmp_path / f'{timm_name}.pth'
+    torch.save(vit.state_dict(), path)
+    cfg = Config.fromfile(osp.join(REPO_ROOT, config))
+    cfg.model.backbone.arch.num_layers = 2
+    model = MODELS.build(cfg.model)
+    state, report = recycling.recycle(
+        recycling.load_dense_vit(str(path)), model, method='upcycle')
+    model.load_state_dict(state, strict=True)
+    assert report['fresh'] == ['backbone.layers.1.ffn.router.weight']
+    # The dense block 0 computes what timm's block 0 does.
+    x = torch.randn(2, 197, vit.embed_dim)
+    torch.testing.assert_close(
+        model.backbone.layers[0](x), vit.blocks[0](x), rtol=1e-4, atol=1e-5)
