@@ -1,13 +1,15 @@
-# V-MoE B/16 (every-2, 8 experts, top-2) on timm's ViT-B/16 trunk
-# (vit_base_patch16_224: 768 dims, 12 blocks, 12 heads, MLP 3072), started
+# V-MoE B/16 (every-2, 8 experts, top-2) on timm's ViT-B/16 trunk (768
+# dims, 12 blocks, 12 heads, MLP 3072), started
 # from a dense timm ViT-B/16 ImageNet checkpoint by sparse upcycling and
 # trained on ImageNet-1k with V-MoE's fine-tuning schedule (SGD, 10k
 # iterations, total batch 1024 = 8 x 128).
 #
-#   python tools/gen_weight/gen_vit_moe_weight.py THIS_CONFIG \
-#       --dense vit_base_patch16_224.pth --method upcycle \
+#   python tools/gen_weight/gen_vit_moe_weight.py \
+#       configs/vmoe/vmoe-timm-b16-every2_8xb128_in1k-upcycled.py \
+#       --dense vit-b16.pth --method upcycle \
 #       --out weights/vmoe-timm-b16-every2_upcycled.pth
-#   tools/dist_train.sh THIS_CONFIG 8
+#   tools/dist_train.sh
+#   configs/vmoe/vmoe-timm-b16-every2_8xb128_in1k-upcycled.py 8
 #
 # Expected: not measured here (no ImageNet run on this machine).
 _base_ = ['./vmoe-timm-s16-every2_8xb128_in1k-upcycled.py']

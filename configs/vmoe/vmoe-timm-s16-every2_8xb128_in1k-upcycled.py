@@ -3,10 +3,12 @@
 # trained on ImageNet-1k with V-MoE's fine-tuning schedule (SGD, 10k
 # iterations, total batch 1024 = 8 x 128).
 #
-#   python tools/gen_weight/gen_vit_moe_weight.py THIS_CONFIG \
+#   python tools/gen_weight/gen_vit_moe_weight.py \
+#       configs/vmoe/vmoe-timm-s16-every2_8xb128_in1k-upcycled.py \
 #       --dense vit_small_patch16_224.pth --method upcycle \
 #       --out weights/vmoe-timm-s16-every2_upcycled.pth
-#   tools/dist_train.sh THIS_CONFIG 8
+#   tools/dist_train.sh
+#   configs/vmoe/vmoe-timm-s16-every2_8xb128_in1k-upcycled.py 8
 #
 # Any timm ViT-S/16 state dict (.pth / .safetensors, e.g. timm's
 # vit_small_patch16_224.augreg_in21k_ft_in1k) fits as it is. Expected: not
