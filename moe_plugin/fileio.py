@@ -139,11 +139,12 @@ def load_torch_file(path: str, what: str = 'checkpoint'):
                 f'{what} {path} holds objects that torch.load(weights_only='
                 f'True) does not read: {_weights_only_reason(error)}'
             ) from error
-        raise ValueError(f'{what} {path} is not a PyTorch checkpoint '
-                         f'(corrupt, truncated or another format)') from error
+        raise ValueError(
+            f'{what} {path} is not a PyTorch checkpoint (corrupt or '
+            f'truncated, or another format)') from error
     except OSError:
         raise
     except Exception as error:  # torch's unpickler fails in many ways
         raise ValueError(f'{what} {path} is not a PyTorch checkpoint '
-                         f'(corrupt, truncated or another format: '
+                         f'(corrupt or truncated, or another format: '
                          f'{type(error).__name__})') from error
