@@ -5,6 +5,9 @@ converted checkpoints and configs, analysis tables and figures) writes each
 file to a temporary name in its own folder and renames it when complete, so
 an interrupted or failing run leaves neither a partial file nor a damaged
 earlier output; an existing output is only replaced when asked (``force``).
+Outputs get the mode a plain ``open()`` gives (``0666`` less the umask,
+usually ``0644``), not the temporary file's ``0600``.
+:func:`load_torch_file` reads a checkpoint with one clear error.
 """
 import os
 import os.path as osp
@@ -20,6 +23,12 @@ def check_outputs(paths: Sequence[Optional[str]], force: bool = False) -> None:
         if path and osp.exists(path) and not force:
             raise FileExistsError(
                 f'{path} exists; pass --force to overwrite it')
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -53,6 +62,9 @@ def atomic_outputs(
                 suffix='.part' + osp.splitext(name)[1])
             os.close(fd)
             pending.append(tmp)
+            # mkstemp's 0600 would make every output private: the mode an
+            # ordinary open() gives instead.
+            os.chmod(tmp, 0o666 & ~_umask())
         yield pending
         for tmp, path in zip(pending, paths):
             if tmp is not None:
@@ -72,3 +84,67 @@ def atomic_write(path: str, write: Callable[[str], None]) -> str:
     with atomic_outputs([path]) as (tmp, ):
         write(tmp)
     return path
+
+
+def _weights_only_reason(error: Exception) -> str:
+    """The one informative line of torch's weights-only error."""
+    text = str(error)
+    marker = 'WeightsUnpickler error:'
+    if marker in text:
+        rest = text.split(marker, 1)[1].strip()
+        return rest.splitlines()[0].strip() if rest else text
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_torch_file(path: str, what: str = 'checkpoint'):
+    """``torch.load(path, weights_only=True)`` on the CPU, with one clear
+    error naming the file.
+
+    A run checkpoint written before :class:`PortableCheckpointHook` (an
+    MMEngine message hub inside) is read inside the scoped allow-list of
+    :func:`moe_plugin.compat.run_checkpoint_scope`. Nothing is ever loaded
+    with ``weights_only=False``.
+
+    Args:
+        path (str): the file.
+        what (str): what the file is, for the messages. Defaults to
+            'checkpoint'.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a PyTorch checkpoint (text, random
+            bytes, truncated) or holds objects other than tensors and
+            containers (the unsupported type named).
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    from .compat import run_checkpoint_scope
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'{what} {path} does not exist')
+    try:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError:
+            if not zipfile.is_zipfile(path):
+                raise
+            with run_checkpoint_scope():
+                return torch.load(
+                    path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as error:
+        if zipfile.is_zipfile(path):
+            raise ValueError(
+                f'{what} {path} holds objects that torch.load(weights_only='
+                f'True) does not read: {_weights_only_reason(error)}'
+            ) from error
+        raise ValueError(
+            f'{what} {path} is not a PyTorch checkpoint (corrupt or '
+            f'truncated, or another format)') from error
+    except OSError:
+        raise
+    except Exception as error:  # torch's unpickler fails in many ways
+        raise ValueError(f'{what} {path} is not a PyTorch checkpoint '
+                         f'(corrupt or truncated, or another format: '
+                         f'{type(error).__name__})') from error

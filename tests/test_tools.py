@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_plugin.compat import run_checkpoint_scope
+from moe_plugin.engine.hooks.portable_checkpoint_hook import from_portable
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -48,8 +48,10 @@ def train(config, work_dir, *extra):
 
 
 def load_run_checkpoint(path):
-    with run_checkpoint_scope():
-        return torch.load(path, map_location='cpu', weights_only=True)
+    """A run checkpoint, read with plain ``weights_only=True`` (no
+    allow-list) and its message hub rebuilt."""
+    return from_portable(
+        torch.load(path, map_location='cpu', weights_only=True))
 
 
 def free_port():

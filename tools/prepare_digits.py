@@ -12,10 +12,13 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from moe_plugin.cli import HelpFormatter, add_debug_arg, run_main  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Write the scikit-learn digits image folder')
+        description='Write the scikit-learn digits image folder',
+        formatter_class=HelpFormatter)
     parser.add_argument(
         '--root', default='data/digits', help='output folder')
     parser.add_argument(
@@ -23,6 +26,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--val-ratio', type=float, default=0.2, help='share held out')
     parser.add_argument('--seed', type=int, default=0, help='split seed')
+    add_debug_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -40,4 +44,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

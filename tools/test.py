@@ -1,10 +1,13 @@
 """Test (and evaluate) a checkpoint (MMPretrain's ``tools/test.py`` plus).
 
-Additions over MMPretrain's script: it imports ``moe_plugin`` (and works
-from a clone without installation), loads the run checkpoints that
-``tools/train.py`` writes under PyTorch >= 2.6 with a scoped allow-list
-(``moe_plugin.compat``), runs distributed on CPU-only machines with gloo, and
-changes the test-time routing of every MoE layer from the command line.
+Additions over MMPretrain's script (the set-up in
+``moe_plugin.engine.runner_setup``, shared with ``tools/train.py``): it
+imports ``moe_plugin`` (and works from a clone without installation), also
+loads run checkpoints written before they were portable (scoped allow-list
+of ``moe_plugin.compat``), runs distributed on CPU-only machines with gloo,
+and changes the test-time routing of every MoE layer from the command line.
+MMPretrain's own ``tools/test.py`` works on the same configs and run
+checkpoints, without the ``--eval-*`` options.
 
 Examples:
     python tools/test.py CONFIG work_dirs/x/epoch_30.pth
@@ -16,42 +19,26 @@ import argparse
 import os
 import os.path as osp
 import sys
-from copy import deepcopy
 
 import mmengine
-from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.config import Config, DictAction
 from mmengine.evaluator import DumpResults
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
 
 # Run from a clone without installation: the repository root first.
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-
-#: ``--eval-group-size image``: each image is its own routing group.
-PER_IMAGE = 'image'
-
-
-def group_size_arg(value):
-    """``--eval-group-size``: a whole number >= 1, or ``image``."""
-    if value == PER_IMAGE:
-        return PER_IMAGE
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1 or str(number) != value:
-        raise argparse.ArgumentTypeError(
-            f'expected a whole number of images >= 1 or {PER_IMAGE!r}, got '
-            f'{value!r}')
-    return number
+from moe_plugin.cli import (PER_IMAGE, HelpFormatter,  # noqa: E402
+                            add_debug_arg, capacity_factor_arg, group_size_arg,
+                            run_main)
+from moe_plugin.engine import runner_setup  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Test (and evaluate) a checkpoint')
+        description='Test (and evaluate) a checkpoint',
+        formatter_class=HelpFormatter)
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
@@ -68,7 +55,7 @@ def parse_args(argv=None):
         help='experts per token at test time in every MoE layer')
     parser.add_argument(
         '--eval-capacity-factor',
-        type=float,
+        type=capacity_factor_arg,
         help='capacity factor at test time in every MoE layer')
     parser.add_argument(
         '--eval-group-size',
@@ -114,6 +101,7 @@ def parse_args(argv=None):
         default='none',
         help='job launcher')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
@@ -125,12 +113,7 @@ def parse_args(argv=None):
 def merge_args(cfg, args):
     """Merge the command line arguments into the config."""
     cfg.launcher = args.launcher
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    runner_setup.default_work_dir(cfg, args.config, args.work_dir)
 
     cfg.load_from = args.checkpoint
     cfg.resume = False
@@ -148,13 +131,11 @@ def merge_args(cfg, args):
         cfg.default_hooks.visualization.out_dir = args.show_dir
         cfg.default_hooks.visualization.interval = args.interval
 
-    if cfg.get('test_dataloader', None) is not None:
-        import torch
-        dataloader_cfg = ConfigDict(
-            pin_memory=torch.cuda.is_available() and not args.no_pin_memory,
-            collate_fn=dict(type='default_collate'))
-        dataloader_cfg.update(deepcopy(cfg.test_dataloader))
-        cfg.test_dataloader = dataloader_cfg
+    runner_setup.set_default_dataloader_cfg(
+        cfg,
+        'test_dataloader',
+        pin_memory=not args.no_pin_memory,
+        persistent_workers=None)
 
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
@@ -189,24 +170,15 @@ def apply_eval_routing(runner, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    # Registers moe_plugin's models, also for configs without
-    # `custom_imports`.
-    import moe_plugin  # noqa: F401
-    from moe_plugin.compat import (allow_run_checkpoints,
-                                   setup_cpu_distributed, teardown_distributed)
-    from moe_plugin.engine import configure_expert_parallel
+    from moe_plugin.compat import teardown_distributed
 
+    for what, path in (('config', args.config),
+                       ('checkpoint', args.checkpoint)):
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'{what} {path} does not exist')
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
-    # Expert parallelism: its DDP wrapper and full experts in checkpoints.
-    configure_expert_parallel(cfg)
-    setup_cpu_distributed(cfg)
-
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
-    allow_run_checkpoints(runner, 'load_checkpoint')
+    runner = runner_setup.build_runner(cfg, 'load_checkpoint')
     apply_eval_routing(runner, args)
 
     if args.out and args.out_item in ('pred', None):
@@ -222,4 +194,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -1,12 +1,15 @@
 """Train a model from a config (MMPretrain's ``tools/train.py`` plus).
 
-Additions over MMPretrain's script: it imports ``moe_plugin`` (and works
-from a clone without installation), resumes the run's own checkpoints under
-PyTorch >= 2.6 with a scoped allow-list (``moe_plugin.compat``), trains
-distributed on CPU-only machines with gloo, trains with expert parallelism
-when the model asks for it (``MoEDistributedDataParallel`` and
-``ExpertParallelHook`` are put into the config), and prints where the
-checkpoint and the logs went.
+Additions over MMPretrain's script (the set-up in
+``moe_plugin.engine.runner_setup``): it imports ``moe_plugin`` (and works
+from a clone without installation), writes run checkpoints that load with
+plain ``torch.load(weights_only=True)`` (``PortableCheckpointHook``), so
+MMPretrain's inferencer and tools read them, trains distributed on CPU-only
+machines with gloo, trains ``AmpOptimWrapper`` configs on a CPU in float32,
+trains with expert parallelism when the model asks for it
+(``MoEDistributedDataParallel`` and ``ExpertParallelHook`` are put into the
+config), and prints where the checkpoint and the logs went. An expected
+error is one line (``--debug`` for the traceback).
 
 Examples:
     python tools/train.py configs/demo/vmoe-demo_2xb64_digits.py
@@ -21,18 +24,20 @@ import os
 import os.path as osp
 import sys
 
-from mmengine.config import Config, ConfigDict, DictAction
-from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from mmengine.config import Config, DictAction
 
 # Run from a clone without installation: the repository root first.
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from moe_plugin.cli import HelpFormatter, add_debug_arg, run_main  # noqa: E402
+from moe_plugin.engine import runner_setup  # noqa: E402
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train a model')
+    parser = argparse.ArgumentParser(
+        description='Train a model', formatter_class=HelpFormatter)
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
@@ -76,27 +81,11 @@ def parse_args(argv=None):
         help='job launcher')
     # torchrun passes `--local-rank` (older launchers `--local_rank`).
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
-
-
-def set_default_dataloader_cfg(cfg, field, pin_memory=True,
-                               persistent_workers=True):
-    """Fill in MMPretrain's dataloader defaults for ``cfg[field]``.
-
-    ``pin_memory`` is only turned on with CUDA.
-    """
-    if cfg.get(field, None) is None:
-        return
-    import torch
-    dataloader_cfg = ConfigDict(
-        pin_memory=pin_memory and torch.cuda.is_available(),
-        persistent_workers=persistent_workers,
-        collate_fn=dict(type='default_collate'))
-    dataloader_cfg.update(cfg[field])
-    cfg[field] = dataloader_cfg
 
 
 def merge_args(cfg, args):
@@ -107,13 +96,7 @@ def merge_args(cfg, args):
         cfg.val_evaluator = None
 
     cfg.launcher = args.launcher
-
-    # work_dir: command line > config > config file name
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    runner_setup.default_work_dir(cfg, args.config, args.work_dir)
 
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
@@ -132,8 +115,8 @@ def merge_args(cfg, args):
                              'dict(base_batch_size=...)` in the config')
         cfg.auto_scale_lr.enable = True
 
-    for field in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        set_default_dataloader_cfg(
+    for field in runner_setup.DATALOADERS:
+        runner_setup.set_default_dataloader_cfg(
             cfg,
             field,
             pin_memory=not args.no_pin_memory,
@@ -141,11 +124,8 @@ def merge_args(cfg, args):
 
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
-
-    # The DataLoader refuses persistent workers without workers.
-    for field in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        if cfg.get(field, None) and not cfg[field].get('num_workers', 0):
-            cfg[field].persistent_workers = False
+    # Run checkpoints that MMPretrain's APIs load as they are.
+    runner_setup.ensure_portable_checkpoints(cfg)
     return cfg
 
 
@@ -168,29 +148,17 @@ def report(runner):
 
 def main(argv=None):
     args = parse_args(argv)
-    # Registers moe_plugin's models, also for configs without
-    # `custom_imports`.
-    import moe_plugin  # noqa: F401
-    from moe_plugin.compat import (allow_run_checkpoints,
-                                   setup_cpu_distributed, teardown_distributed)
-    from moe_plugin.engine import configure_expert_parallel
+    from moe_plugin.compat import teardown_distributed
 
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config {args.config} does not exist')
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
-    # Expert parallelism: its DDP wrapper and full experts in checkpoints.
-    configure_expert_parallel(cfg)
-    setup_cpu_distributed(cfg)
-
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
-    allow_run_checkpoints(runner, 'resume')
-
+    runner = runner_setup.build_runner(cfg, 'resume')
     runner.train()
     report(runner)
     teardown_distributed()
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

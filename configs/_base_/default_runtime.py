@@ -16,6 +16,9 @@ default_hooks = dict(
     # Random states in every checkpoint: a resumed run draws the same router
     # noise, dropout and augmentation as an uninterrupted one.
     rng_state=dict(type='RandomStateHook'),
+    # Run checkpoints that load with plain torch.load(weights_only=True),
+    # so MMPretrain's inferencer, get_model and tools/test.py read them.
+    portable=dict(type='PortableCheckpointHook'),
 )
 
 env_cfg = dict(

@@ -3,17 +3,11 @@
 MMPretrain's own loaders do the work: :func:`mmpretrain.apis.get_model`
 builds the model and loads the checkpoint, ``Runner.build_dataloader``
 builds a split's data loader and the model's data preprocessor prepares the
-batches. The one addition: a checkpoint written by ``tools/train.py`` holds
-MMEngine's message hub, which ``torch.load(weights_only=True)`` refuses;
-it is loaded inside :func:`moe_plugin.compat.run_checkpoint_scope` (the
-same scoped allow-list as ``tools/test.py``). The same goes for
-``ImageClassificationInferencer``::
-
-    from mmpretrain.apis import ImageClassificationInferencer
-    from moe_plugin.compat import run_checkpoint_scope
-    with run_checkpoint_scope():
-        inferencer = ImageClassificationInferencer(CONFIG, pretrained=CKPT)
-    inferencer('digit.png')[0]['pred_class']
+batches. Run checkpoints of ``tools/train.py`` load with plain
+``torch.load(weights_only=True)`` (``PortableCheckpointHook``); one written
+before that holds MMEngine's message hub and is loaded inside
+:func:`moe_plugin.compat.run_checkpoint_scope` (the scoped allow-list of
+``tools/test.py``).
 """
 import copy
 from typing import Iterator, Optional, Tuple
@@ -96,22 +90,37 @@ def build_split_loader(cfg: Config, split: str = 'val', batch_size=None):
 
 
 def labelled_batches(model: nn.Module,
-                     loader) -> Iterator[Tuple[Tensor, Tensor]]:
+                     loader,
+                     progress: Optional[str] = None
+                     ) -> Iterator[Tuple[Tensor, Tensor]]:
     """``(inputs, labels)`` of every batch, through the data preprocessor.
 
     Args:
         model (nn.Module): a classifier with a ``data_preprocessor``.
         loader: a data loader of MMPretrain ``PackInputs`` batches.
+        progress (str, optional): show MMEngine's progress bar (images)
+            on stderr, after this label. Defaults to None (no bar).
 
     Yields:
         tuple: ``inputs [B, C, H, W]`` and ``labels [B]`` (long).
     """
+    bar = None
+    if progress is not None:
+        import sys
+
+        from mmengine.utils import ProgressBar
+        print(progress, file=sys.stderr, flush=True)
+        bar = ProgressBar(len(loader.dataset), file=sys.stderr)
     for data in loader:
         data = model.data_preprocessor(data, False)
         labels = torch.cat(
             [sample.gt_label.reshape(-1)[:1] for sample in
              data['data_samples']]).long()
+        if bar is not None:
+            bar.update(len(labels))
         yield data['inputs'], labels
+    if bar is not None:
+        print(file=sys.stderr, flush=True)
 
 
 def class_names(model: nn.Module, num_classes: int):

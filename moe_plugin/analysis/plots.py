@@ -46,12 +46,12 @@ def plot_capacity_sweep(rows: List[Dict], path: str,
     Returns:
         str: ``path``.
     """
-    figure = _figure(6.4, 4.4)
+    figure = _figure(8.0, 4.6, layout='constrained')
     axes = figure.add_subplot()
     top_ks = sorted({row['top_k'] for row in rows})
     colours = dict(zip(top_ks, ('tab:blue', 'tab:orange', 'tab:green',
                                 'tab:red', 'tab:purple', 'tab:brown')))
-    for top_k in top_ks:
+    for k_index, top_k in enumerate(top_ks):
         for priority in (False, True):
             line = sorted((r for r in rows
                            if r['top_k'] == top_k
@@ -66,15 +66,27 @@ def plot_capacity_sweep(rows: List[Dict], path: str,
                       color=colours.get(top_k, 'black'),
                       label=f'K={top_k}, ' + ('BPR' if priority else
                                               'vanilla'))
+            # BPR's labels above left of its points, vanilla's below
+            # right, each K a step further out (larger K, usually higher
+            # lines: up for BPR, nearer for vanilla), so that neighbouring
+            # lines' labels do not cover each other.
+            step = 6 + 9 * (k_index if priority else len(top_ks) - 1 -
+                            k_index)
             for r, xi, yi in zip(line, x, y):
                 axes.annotate(f"c={r['capacity_factor']:g}", (xi, yi),
-                              textcoords='offset points', xytext=(4, -10),
-                              fontsize=7, color=colours.get(top_k, 'black'))
+                              textcoords='offset points',
+                              xytext=(-4, step) if priority else
+                              (4, -step - 6),
+                              ha='right' if priority else 'left',
+                              fontsize=7,
+                              color=colours.get(top_k, 'black'))
+    axes.margins(x=0.08, y=0.15)
     axes.set_xlabel('(token, choice) pairs processed (%)')
     axes.set_ylabel('top-1 accuracy (%)')
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(loc='lower right', fontsize=8)
+    # Outside the axes: inside, it hides the points and their labels.
+    axes.legend(loc='upper left', bbox_to_anchor=(1.02, 1.0), fontsize=8)
     return _save(figure, path)
 
 
@@ -172,21 +184,29 @@ def plot_overlays(picture: np.ndarray,
         str: ``path``.
     """
     rows, cols = grid
-    per_row = min(len(panels) + 1, 6)
-    lines = -(-(len(panels) + 1) // per_row)
-    figure = _figure(2.3 * per_row, 2.4 * lines + 0.5, layout='constrained')
+    count = len(panels) + 1
+    # At most 6 per row, rows filled evenly (7 panels: 4 + 3, not 6 + 1).
+    lines = -(-count // 6)
+    per_row = -(-count // lines)
+    figure = _figure(2.3 * per_row + 0.8, 2.4 * lines + 0.5,
+                     layout='constrained')
     height, width = picture.shape[:2]
     cell_h, cell_w = height / rows, width / cols
     everything = [('input', None, None)] + list(panels)
+    # One scale for every panel, so that one colour bar reads them all.
+    vmax = max([float(np.max(w)) for _, w, _ in panels if w is not None] +
+               [1e-12])
+    all_axes, heat_image = [], None
     for index, (name, weights, outline) in enumerate(everything):
         axes = figure.add_subplot(lines, per_row, index + 1)
+        all_axes.append(axes)
         axes.imshow(picture, interpolation='nearest')
         if weights is not None:
             heat = np.asarray(weights, dtype=float).reshape(rows, cols)
-            axes.imshow(heat, cmap='magma', alpha=0.65, vmin=0.0,
-                        vmax=max(float(heat.max()), 1e-12),
-                        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
-                        interpolation='nearest')
+            heat_image = axes.imshow(
+                heat, cmap='magma', alpha=0.65, vmin=0.0, vmax=vmax,
+                extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                interpolation='nearest')
         if outline is not None:
             ys, xs = np.nonzero(np.asarray(outline).reshape(rows, cols))
             for y, x in zip(ys, xs):
@@ -196,6 +216,9 @@ def plot_overlays(picture: np.ndarray,
         axes.set_title(name, fontsize=8)
         axes.set_xticks([])
         axes.set_yticks([])
+    if heat_image is not None:
+        figure.colorbar(heat_image, ax=all_axes, shrink=0.8,
+                        label='routing weight (1: taken)')
     figure.suptitle(title, fontsize=9)
     return _save(figure, path)
 

@@ -146,17 +146,3 @@ def capacity_sweep(model: nn.Module,
             layer.eval_capacity_factor = factor
             layer.eval_batch_priority = priority
     return rows
-
-
-def capacity_factor_arg(value: str) -> float:
-    """``argparse`` type of a test-time capacity factor: a finite number
-    > 0 (``argparse.ArgumentTypeError`` naming the value otherwise)."""
-    import argparse
-    try:
-        number = float(value)
-    except ValueError:
-        number = float('nan')
-    if not number > 0 or number == float('inf'):
-        raise argparse.ArgumentTypeError(
-            f'a capacity factor must be a number > 0, got {value!r}')
-    return number

@@ -143,6 +143,12 @@ def moejet_to_mmpretrain(
             scales[int(match.group(1)), int(match.group(2))] = value
             continue
         dense[key] = value
+    if not moe:
+        raise ValueError(
+            'no MoE block (blocks.N.mlp.phi / .core_experts...) in the '
+            'checkpoint: it is a dense ViT, not a MoE Jetpack model; '
+            'recycle a dense checkpoint with '
+            'tools/gen_weight/gen_vit_moe_weight.py CONFIG --dense FILE')
     canonical = timm_to_canonical(dense)
     out = {'backbone.' + k: v for k, v in canonical.state.items()}
     out['head.fc.weight'] = canonical.head['weight']

@@ -8,6 +8,7 @@ its folder and is renamed; an existing output is an error unless ``force``.
 import os.path as osp
 import pprint
 import tempfile
+import textwrap
 from typing import Dict, Optional
 
 import torch
@@ -98,6 +99,37 @@ def config_text(model_cfg: dict,
     return header.rstrip('\n') + '\n' + text
 
 
+def config_header(template: str, **fields) -> str:
+    """The comment lines put first in a converted config: ``template``
+    filled with ``fields``, each line wrapped at 79 columns (continuation
+    lines start with ``#   ``).
+
+    Args:
+        template (str): lines starting with ``#``, with ``{name}`` fields.
+        **fields: the values of the fields.
+
+    Returns:
+        str: the header, one comment line per line.
+    """
+    text = template.format(**fields)
+    return '\n'.join(
+        '\n'.join(textwrap.wrap(line, 79, subsequent_indent='#   '))
+        for line in text.splitlines())
+
+
+def arch_text(arch) -> str:
+    """``key=value, ...`` of an architecture ``NamedTuple``."""
+    return ', '.join(f'{k}={v}' for k, v in arch._asdict().items())
+
+
+def imagenet_meta(num_classes: int) -> dict:
+    """``meta`` with ImageNet-1k's class names for a 1000-class model (the
+    written config evaluates on ImageNet), else ``{}``."""
+    from ..datasets.meta import dataset_classes, weights_meta
+    return weights_meta(num_classes,
+                        dataset_classes(dict(type='ImageNet')))
+
+
 def _write_text(path: str, text: str) -> None:
     with open(path, 'w') as f:
         f.write(text)
@@ -107,15 +139,19 @@ def save_converted(state: Dict[str, Tensor],
                    out: str,
                    config: Optional[str] = None,
                    config_out: Optional[str] = None,
-                   force: bool = False) -> None:
-    """Write ``{'state_dict': state}`` to ``out`` and ``config`` (text) to
+                   force: bool = False,
+                   meta: Optional[dict] = None) -> None:
+    """Write ``{'state_dict': state}`` (and ``'meta': meta``, e.g. the
+    class names, when given) to ``out`` and ``config`` (text) to
     ``config_out``, each to a temporary name then renamed; nothing is
     written when an output exists and ``force`` is False.
     """
     check_outputs([out, config_out], force)
     with atomic_outputs([out, config_out]) as (tmp, tmp_config):
-        torch.save(
-            {'state_dict': {k: v.contiguous()
-                            for k, v in state.items()}}, tmp)
+        checkpoint = {'state_dict': {k: v.contiguous()
+                                     for k, v in state.items()}}
+        if meta:
+            checkpoint['meta'] = meta
+        torch.save(checkpoint, tmp)
         if tmp_config is not None:
             _write_text(tmp_config, config)

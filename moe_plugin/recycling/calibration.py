@@ -10,6 +10,7 @@ grow with the number of images.
 """
 import os
 import os.path as osp
+import sys
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -119,7 +120,8 @@ def calibrate(model: nn.Module,
                 layer.attn.proj.register_forward_pre_hook(
                     lambda module, args, s=extra[block]['attn']: s.update(
                         args[0])))
-    bar = ProgressBar(total) if total else None
+    # On stderr: stdout is the tools' summary.
+    bar = ProgressBar(total, file=sys.stderr) if total else None
     model.eval()
     try:
         with torch.no_grad():
@@ -131,7 +133,7 @@ def calibrate(model: nn.Module,
         for handle in handles:
             handle.remove()
     if bar is not None:
-        print(flush=True)
+        print(file=sys.stderr, flush=True)
     out = {block: s.result() for block, s in hidden.items()}
     for block, parts in extra.items():
         out[block].update({k: s.result() for k, s in parts.items()})

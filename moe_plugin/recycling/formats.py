@@ -251,14 +251,10 @@ def unwrap_state_dict(obj) -> Dict[str, Tensor]:
 
 
 def load_torch_checkpoint(path: str):
-    """``torch.load(weights_only=True)``; a run checkpoint of our tools
-    (message hub, numpy scalars) loads inside the scoped allow-list."""
-    from moe_plugin.compat import run_checkpoint_scope
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        with run_checkpoint_scope():
-            return torch.load(path, map_location='cpu', weights_only=True)
+    """``torch.load(weights_only=True)`` with one clear error naming the
+    file (:func:`moe_plugin.fileio.load_torch_file`)."""
+    from moe_plugin.fileio import load_torch_file
+    return load_torch_file(path)
 
 
 def detect_format(state: Dict[str, Tensor]) -> str:

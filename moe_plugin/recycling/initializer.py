@@ -7,6 +7,7 @@ for users who would rather edit a config than run the tool.
 """
 from typing import Optional
 
+from mmengine.logging import print_log
 from mmengine.registry import WEIGHT_INITIALIZERS
 from torch import nn
 
@@ -42,6 +43,11 @@ class RecycleDenseInit:
                  seed: int = 0,
                  dense_heads: Optional[int] = None,
                  **kwargs):
+        if kwargs:
+            raise ValueError(
+                f'RecycleDenseInit got unknown keys {sorted(kwargs)}; valid: '
+                "['checkpoint', 'method', 'dense_format', 'noise', 'seed', "
+                "'dense_heads']")
         if method in CALIBRATED:
             raise ValueError(
                 f"method {method!r} needs calibration images: run "
@@ -62,6 +68,12 @@ class RecycleDenseInit:
             dense, module, self.method, noise=self.noise, seed=self.seed,
             dense_heads=self.dense_heads)
         module.load_state_dict(state, strict=True)
+        print_log(
+            f'RecycleDenseInit: {type(module).__name__} initialised from '
+            f'{self.checkpoint} ({dense.fmt}, {dense.num_layers} blocks, '
+            f'width {dense.embed_dims}) by {self.method!r}'
+            f'{f" (noise {self.noise})" if self.noise else ""}',
+            logger='current')
 
     def __repr__(self) -> str:
         return (f'{self.__class__.__name__}(checkpoint={self.checkpoint!r}, '

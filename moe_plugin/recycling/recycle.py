@@ -309,10 +309,12 @@ def save_recycled(state: Dict[str, Tensor],
                   report: dict,
                   out: str,
                   force: bool = False,
-                  safetensors: bool = False) -> Tuple[str, str]:
-    """Write the weights (``{'state_dict': ...}`` or ``.safetensors``) and
-    the JSON report beside them, each to a temporary name then renamed; an
-    existing output is kept unless ``force``.
+                  safetensors: bool = False,
+                  meta: Optional[dict] = None) -> Tuple[str, str]:
+    """Write the weights (``{'state_dict': ..., 'meta': meta}`` or
+    ``.safetensors``, which has no place for ``meta``) and the JSON report
+    beside them, each to a temporary name then renamed; an existing output
+    is kept unless ``force``.
 
     Returns:
         tuple: the weights path and the report path.
@@ -327,7 +329,9 @@ def save_recycled(state: Dict[str, Tensor],
             from safetensors.torch import save_file
             save_file(tensors, tmp)
         else:
-            torch.save({'state_dict': tensors}, tmp)
+            torch.save(dict(state_dict=tensors, **({
+                'meta': meta
+            } if meta else {})), tmp)
         with open(tmp_report, 'w') as f:
             json.dump(report, f, indent=1)
     return out, report_path

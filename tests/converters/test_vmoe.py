@@ -12,6 +12,7 @@ from mmengine.config import Config
 from mmpretrain.registry import MODELS
 
 import moe_plugin  # noqa: F401
+from moe_plugin.cli import EXPECTED_ERRORS
 from moe_plugin.converters.vmoe import convert_vmoe, vmoe_to_mmpretrain
 from moe_plugin.converters.vmoe_checkpoint import read_vmoe_checkpoint
 
@@ -141,7 +142,7 @@ def test_cli_writes_weights_and_a_complete_config(tmp_path, capsys):
         vmoe_forward(expected, x, 2, 2.0, 1), rtol=1e-4, atol=1e-4)
     # An existing output is kept; --force replaces it.
     before = os.path.getmtime(out)
-    with pytest.raises(SystemExit, match='exists'):
+    with pytest.raises(EXPECTED_ERRORS, match='exists'):
         vmoe_cli.main([prefix, out])
     assert os.path.getmtime(out) == before
     vmoe_cli.main([prefix, out, '--force'])
@@ -149,7 +150,7 @@ def test_cli_writes_weights_and_a_complete_config(tmp_path, capsys):
 
 def _cli_fails(prefix, tmp_path, match):
     out, cfg_path = str(tmp_path / 'o.pth'), str(tmp_path / 'o.py')
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(EXPECTED_ERRORS, match=match):
         vmoe_cli.main([prefix, out, '--config-out', cfg_path])
     assert not osp.exists(out) and not osp.exists(cfg_path)
     assert not [f for f in os.listdir(tmp_path) if '.part' in f]

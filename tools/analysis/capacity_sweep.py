@@ -15,6 +15,7 @@ Examples:
         --capacity 0.1 0.25 0.5 1 2 4 --top-k 1 2 --bpr both --out sweep
 """
 import argparse
+import itertools
 import os.path as osp
 import sys
 
@@ -24,7 +25,8 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from moe_plugin.analysis.sweep import capacity_factor_arg  # noqa: E402
+from moe_plugin.cli import (HelpFormatter, add_debug_arg,  # noqa: E402
+                            capacity_factor_arg, run_main)
 
 BPR_CHOICES = {'off': (False, ), 'on': (True, ), 'both': (False, True)}
 NAMES = ('capacity_sweep.json', 'capacity_sweep.csv', 'capacity_sweep.png')
@@ -32,7 +34,8 @@ NAMES = ('capacity_sweep.json', 'capacity_sweep.csv', 'capacity_sweep.png')
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Evaluate a checkpoint at test-time capacity factors')
+        description='Evaluate a checkpoint at test-time capacity factors',
+        formatter_class=HelpFormatter)
     parser.add_argument('config', help='config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
@@ -59,6 +62,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, key=value pairs')
+    add_debug_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -78,8 +82,15 @@ def main(argv=None):
     top_ks = args.top_k or [None]
     check_sweep(model, args.capacity, top_ks)
     loader = build_split_loader(cfg, args.split, args.batch_size)
-    rows = capacity_sweep(model, lambda: labelled_batches(model, loader),
-                          args.capacity, top_ks, BPR_CHOICES[args.bpr])
+    settings = len(args.capacity) * len(top_ks) * len(BPR_CHOICES[args.bpr])
+    done = itertools.count(1)
+
+    def batches():
+        return labelled_batches(
+            model, loader, f'setting {next(done)}/{settings} ({args.split})')
+
+    rows = capacity_sweep(model, batches, args.capacity, top_ks,
+                          BPR_CHOICES[args.bpr])
     layers = list(rows[0]['layers'])
     for row in rows:
         for name in layers:
@@ -105,4 +116,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

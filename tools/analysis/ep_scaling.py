@@ -42,6 +42,8 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from moe_plugin.cli import HelpFormatter, add_debug_arg, run_main  # noqa: E402
+
 #: name -> (arch, patch size)
 MODELS = {'B/16': ('vmoe-b', 16), 'L/16': ('vmoe-l', 16),
           'H/14': ('vmoe-h', 14)}
@@ -165,7 +167,9 @@ def print_table(rows, markdown):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        formatter_class=HelpFormatter)
     parser.add_argument('--config', default=DEFAULT_CONFIG,
                         help='model config giving the layout and routing')
     parser.add_argument('--models', nargs='+', default=list(MODELS),
@@ -177,6 +181,7 @@ def main():
     parser.add_argument('--check', help='JSON of benchmarks/expert_parallel')
     parser.add_argument('--markdown', action='store_true')
     parser.add_argument('--json', help='write the rows to this JSON file')
+    add_debug_arg(parser)
     args = parser.parse_args()
     all_rows = []
     for name in args.models:
@@ -197,4 +202,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -23,10 +23,13 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from moe_plugin.cli import HelpFormatter, add_debug_arg, run_main  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Parameters and FLOPs per image of a model')
+        description='Parameters and FLOPs per image of a model',
+        formatter_class=HelpFormatter)
     parser.add_argument('config', help='config file path')
     parser.add_argument(
         '--shape',
@@ -44,6 +47,7 @@ def parse_args(argv=None):
     parser.add_argument('--json', help='also write the figures to this file')
     parser.add_argument(
         '--force', action='store_true', help='overwrite --json if it exists')
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     if args.shape is not None and (len(args.shape) not in (1, 2)
                                    or min(args.shape) < 1):
@@ -168,4 +172,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -31,10 +31,13 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from moe_plugin.cli import HelpFormatter, add_debug_arg, run_main  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Mean routing weight per (class, expert) and MoE layer')
+        description='Mean routing weight per (class, expert) and MoE layer',
+        formatter_class=HelpFormatter)
     parser.add_argument('config', help='config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
@@ -56,6 +59,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, key=value pairs')
+    add_debug_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -79,8 +83,8 @@ def main(argv=None):
     classes = list(loader.dataset.metainfo.get('classes') or [])
     num_classes = len(classes) or int(cfg.model.head.num_classes)
     classes = classes or [str(i) for i in range(num_classes)]
-    means = class_expert_means(model, labelled_batches(model, loader),
-                               num_classes, layers)
+    batches = labelled_batches(model, loader, f'{args.split} split')
+    means = class_expert_means(model, batches, num_classes, layers)
     arrays = dict(
         classes=np.array(classes),
         layers=np.array(list(means)),
@@ -104,4 +108,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -31,12 +31,14 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from moe_plugin.analysis.sweep import capacity_factor_arg  # noqa: E402
+from moe_plugin.cli import (HelpFormatter, add_debug_arg,  # noqa: E402
+                            capacity_factor_arg, run_main)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Overlay the routing of one image on it')
+        description='Overlay the routing of one image on it',
+        formatter_class=HelpFormatter)
     parser.add_argument('config', help='config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('image', help='image file')
@@ -66,6 +68,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of the config, key=value pairs')
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     if args.max_experts < 1:
         parser.error(f'--max-experts must be >= 1, got {args.max_experts}')
@@ -176,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -30,6 +30,11 @@ import sys
 import time
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from moe_plugin.cli import HelpFormatter, add_debug_arg, run_main  # noqa: E402
+
 CONFIGS = osp.join('configs', 'demo', 'recycling')
 UPSTREAM, DOWNSTREAM = ('0', '1', '2', '3', '4'), ('5', '6', '7', '8', '9')
 
@@ -108,11 +113,14 @@ def recycle(config, dense, method, out, *extra):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        formatter_class=HelpFormatter)
     parser.add_argument('--gpus', type=int, default=2,
                         help='processes per training (GPUs, or CPU procs)')
     parser.add_argument('--work-dir', default='work_dirs/demo')
     parser.add_argument('--data-root', default='data')
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     os.chdir(REPO_ROOT)
     sys.path.insert(0, REPO_ROOT)
@@ -186,4 +194,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

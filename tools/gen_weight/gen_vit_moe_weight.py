@@ -15,12 +15,15 @@ indices and the timings.
 """
 import argparse
 import os.path as osp
+import shlex
 import sys
 import time
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+from moe_plugin.cli import HelpFormatter, add_debug_arg, run_main  # noqa: E402
 
 METHOD_HELP = """methods:
   upcycle     every expert a copy of the block's dense MLP (Sparse Upcycling)
@@ -50,7 +53,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Recycle a dense ViT checkpoint into MoE weights',
         epilog=METHOD_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument('config', help='config whose model is the MoE target')
     parser.add_argument(
         '--dense', required=True,
@@ -106,15 +109,45 @@ def parse_args(argv=None):
                         help='overwrite an existing output')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of the config')
+    add_debug_arg(parser)
     return parser.parse_args(argv)
+
+
+def output_paths(args):
+    """``(weights, report)`` paths as ``save_recycled`` writes them."""
+    out = args.out or osp.join(
+        'weights',
+        f'{osp.splitext(osp.basename(args.config))[0]}_{args.method}.pth')
+    if args.safetensors and not out.endswith('.safetensors'):
+        out = osp.splitext(out)[0] + '.safetensors'
+    return out, osp.splitext(out)[0] + '.json'
+
+
+def check_args(args):
+    """The checks that need no model, before it is built: the inputs
+    exist, a calibrated method has its images, the outputs are free."""
+    from moe_plugin.fileio import check_outputs
+    from moe_plugin.recycling import CALIBRATED
+    for flag, path in (('config', args.config), ('--dense', args.dense),
+                       ('--trunk', args.trunk)):
+        if path is not None and not osp.isfile(path):
+            raise FileNotFoundError(f'{flag} {path} does not exist')
+    if args.method in CALIBRATED:
+        if args.calib_data is None:
+            raise ValueError(f'--method {args.method} needs --calib-data (an '
+                             'image folder or a dataset config)')
+        if not osp.exists(args.calib_data):
+            raise FileNotFoundError(
+                f'--calib-data {args.calib_data} does not exist')
+    if args.num_calib_images < 1:
+        raise ValueError(f'--num-calib-images must be >= 1, got '
+                         f'{args.num_calib_images}')
+    check_outputs(output_paths(args), args.force)
 
 
 def calibration_batches(args, cfg, backbone):
     """``(batches, count)`` of normalised calibration images."""
     from moe_plugin.recycling import calibration
-    if args.calib_data is None:
-        raise ValueError(f'--method {args.method} needs --calib-data (an '
-                         'image folder or a dataset config)')
     if args.calib_data.endswith('.py'):
         return calibration.dataset_config_batches(
             args.calib_data, args.num_calib_images, args.seed,
@@ -146,30 +179,30 @@ def layout_line(report, trunk, trunk_path):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     import torch
     from mmengine.config import Config
     from mmpretrain.registry import MODELS
 
-    import moe_plugin  # noqa: F401
     from moe_plugin import recycling
+    from moe_plugin.cli import quiet_mmengine
+    from moe_plugin.datasets.meta import (checkpoint_classes, config_classes,
+                                          model_num_classes, weights_meta)
     from moe_plugin.recycling.channels import dense_num_heads
 
     start = time.perf_counter()
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    out = args.out or osp.join(
-        'weights',
-        f'{osp.splitext(osp.basename(args.config))[0]}_{args.method}.pth')
-    if osp.exists(out) and not args.force:
-        raise FileExistsError(f'{out} exists; pass --force to overwrite it')
+    out, _ = output_paths(args)
     model_cfg = cfg.model.copy()
     model_cfg.pop('init_cfg', None)
     # The fresh parameters (routers, slots, a new head) come from the
     # target's own initialisation: seeded, so that a run is reproducible.
     torch.manual_seed(args.seed)
-    model = MODELS.build(model_cfg)
-    model.init_weights()
+    with quiet_mmengine():
+        model = MODELS.build(model_cfg)
+        model.init_weights()
     backbone = model.backbone
     if not hasattr(backbone, 'moe_layers'):
         raise ValueError(f'the model of {args.config} has a '
@@ -182,6 +215,7 @@ def main(argv=None):
     loaded = time.perf_counter()
 
     stats = None
+    count = 0
     calib_seconds = 0.0
     if args.method in recycling.CALIBRATED:
         # Recycling checks the models again; a mismatch fails here first,
@@ -196,6 +230,10 @@ def main(argv=None):
         dense_model = recycling.build_dense_vit(dense, backbone,
                                                 dense_heads).to(args.device)
         batches, count = calibration_batches(args, cfg, backbone)
+        if count < args.num_calib_images:
+            print(f'warning: --num-calib-images {args.num_calib_images} '
+                  f'asked, {args.calib_data} gives {count}; calibrating on '
+                  f'{count}', file=sys.stderr, flush=True)
         calib_start = time.perf_counter()
         stats = recycling.calibrate(
             dense_model, (b.to(args.device) for b in batches),
@@ -224,14 +262,24 @@ def main(argv=None):
         importance=args.importance if args.method in
         recycling.CALIBRATED else None,
         graph=args.graph if args.method == 'graph' else None,
-        num_calib_images=args.num_calib_images if stats else 0,
+        num_calib_images=count,
+        num_calib_images_asked=args.num_calib_images if stats else 0,
+        cfg_options=args.cfg_options or {},
+        command=' '.join(shlex.quote(a) for a in [sys.argv[0]] + list(
+            sys.argv[1:] if argv is None else argv)),
         torch=torch.__version__,
         seconds=dict(
             load=round(loaded - start, 3),
             calibration=round(calib_seconds, 3),
             total=round(time.perf_counter() - start, 3)))
+    head_kept = not any(k.startswith('head.') for k in report['fresh'])
+    meta = weights_meta(
+        model_num_classes(model),
+        config_classes(cfg, model_num_classes(model) or 0),
+        checkpoint_classes(args.dense) if head_kept else None)
+    report['classes'] = len(meta.get('dataset_meta', {}).get('classes', ()))
     weights, report_path = recycling.save_recycled(
-        state, report, out, args.force, args.safetensors)
+        state, report, out, args.force, args.safetensors, meta)
     print(f'source:  {args.dense} ({dense.fmt}, {dense.num_layers} blocks, '
           f'width {dense.embed_dims})\n'
           f'target:  {args.config} (MoE blocks {list(backbone.moe_layers)})\n'
@@ -247,4 +295,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -18,11 +18,12 @@ Examples:
 import argparse
 import os.path as osp
 import sys
-import textwrap
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+from moe_plugin.cli import HelpFormatter, add_debug_arg, run_main  # noqa: E402
 
 HEADER = """\
 # Converted from the MoE Jetpack checkpoint {src}
@@ -37,7 +38,8 @@ HEADER = """\
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Convert a MoE Jetpack checkpoint for MMPretrain')
+        description='Convert a MoE Jetpack checkpoint for MMPretrain',
+        formatter_class=HelpFormatter)
     parser.add_argument('src', help='MoE Jetpack .pth')
     parser.add_argument('out', help='output weights (.pth)')
     parser.add_argument('--config-out', help='write the model config here')
@@ -46,35 +48,32 @@ def parse_args(argv=None):
         help='attention heads (default: embed_dims // 64, e.g. ViT-T 3)')
     parser.add_argument(
         '--force', action='store_true', help='overwrite existing outputs')
+    add_debug_arg(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     from moe_plugin.converters.moejet import convert_moejet
-    from moe_plugin.converters.output import (build_checked_model,
-                                              check_outputs, config_text,
+    from moe_plugin.converters.output import (arch_text, build_checked_model,
+                                              check_outputs, config_header,
+                                              config_text, imagenet_meta,
                                               save_converted)
-    try:
-        check_outputs([args.out, args.config_out], args.force)
-        state, model_cfg, arch = convert_moejet(args.src, args.num_heads)
-        build_checked_model(model_cfg, state)
-        config = None
-        if args.config_out:
-            header = HEADER.format(
-                src=args.src,
-                out=args.out,
-                arch=', '.join(f'{k}={v}'
-                               for k, v in arch._asdict().items()),
-                heads=(f'--num-heads {args.num_heads}' if args.num_heads
-                       else f'embed_dims // 64 = {arch.num_heads}'))
-            header = '\n'.join(
-                '\n'.join(textwrap.wrap(line, 79, subsequent_indent='#   '))
-                for line in header.splitlines())
-            config = config_text(model_cfg, arch.img_size, header)
-        save_converted(state, args.out, config, args.config_out, args.force)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        sys.exit(f'error: {error}')
+    check_outputs([args.out, args.config_out], args.force)
+    state, model_cfg, arch = convert_moejet(args.src, args.num_heads)
+    build_checked_model(model_cfg, state)
+    config = None
+    if args.config_out:
+        header = config_header(
+            HEADER,
+            src=args.src,
+            out=args.out,
+            arch=arch_text(arch),
+            heads=(f'--num-heads {args.num_heads}' if args.num_heads
+                   else f'embed_dims // 64 = {arch.num_heads}'))
+        config = config_text(model_cfg, arch.img_size, header)
+    save_converted(state, args.out, config, args.config_out, args.force,
+                   imagenet_meta(arch.num_classes))
     print(f'wrote {args.out}' +
           (f' and {args.config_out}' if args.config_out else '') +
           f': {arch.num_layers} blocks, MoE blocks {list(arch.moe_layers)} '
@@ -84,4 +83,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -17,39 +17,22 @@ Examples:
 import argparse
 import os.path as osp
 import sys
-import textwrap
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from moe_plugin.cli import (PER_IMAGE, HelpFormatter,  # noqa: E402
+                            add_debug_arg, capacity_factor_arg, group_size_arg,
+                            on_off_arg, run_main)
 from moe_plugin.converters.vmoe import VMOE_ROUTING_DEFAULTS  # noqa: E402
-
-
-def on_off(value: str) -> bool:
-    if value not in ('on', 'off'):
-        raise argparse.ArgumentTypeError(f"expected 'on' or 'off', got "
-                                         f'{value!r}')
-    return value == 'on'
-
-
-def group_size(value: str):
-    if value == 'image':
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of images >= 1 or 'image', got {value!r}")
-    return number
 
 
 def parse_args(argv=None):
     d = VMOE_ROUTING_DEFAULTS
     parser = argparse.ArgumentParser(
-        description='Convert a V-MoE checkpoint for MMPretrain')
+        description='Convert a V-MoE checkpoint for MMPretrain',
+        formatter_class=HelpFormatter)
     parser.add_argument('prefix', help='checkpoint prefix (PREFIX.index)')
     parser.add_argument('out', help='output weights (.pth)')
     parser.add_argument('--config-out', help='write the model config here')
@@ -59,26 +42,35 @@ def parse_args(argv=None):
         'routing (not stored in the checkpoint; V-MoE defaults)')
     routing.add_argument('--top-k', type=int, default=d['top_k'])
     routing.add_argument(
-        '--capacity-factor', type=float, default=d['capacity_factor'])
+        '--capacity-factor',
+        type=capacity_factor_arg,
+        default=d['capacity_factor'])
     routing.add_argument(
         '--eval-capacity-factor',
-        type=float,
+        type=capacity_factor_arg,
         default=d['eval_capacity_factor'])
     routing.add_argument(
-        '--batch-priority', type=on_off, default=d['batch_priority'],
-        metavar='{on,off}')
+        '--batch-priority', type=on_off_arg, default=d['batch_priority'],
+        metavar='{on,off}',
+        help='Batch Priority Routing in training (default: '
+        f"{'on' if d['batch_priority'] else 'off'})")
     routing.add_argument(
-        '--eval-batch-priority', type=on_off, metavar='{on,off}',
+        '--eval-batch-priority', type=on_off_arg, metavar='{on,off}',
         help='default: as --batch-priority')
     routing.add_argument(
-        '--group-size', type=group_size, default=d['group_size'],
+        '--group-size', type=group_size_arg, default=d['group_size'],
         metavar='{N,image}', help='images per routing group in training')
     routing.add_argument(
-        '--eval-group-size', type=group_size, default=d['eval_group_size'],
+        '--eval-group-size', type=group_size_arg, default=d['eval_group_size'],
         metavar='{N,image}',
         help='images per routing group in evaluation (default: image, '
         'batch independent; V-MoE itself routes groups of 8 images)')
-    return parser.parse_args(argv)
+    add_debug_arg(parser)
+    args = parser.parse_args(argv)
+    for name in ('group_size', 'eval_group_size'):
+        if getattr(args, name) == PER_IMAGE:
+            setattr(args, name, None)
+    return args
 
 
 HEADER = """\
@@ -98,41 +90,37 @@ HEADER = """\
 
 def main(argv=None):
     args = parse_args(argv)
-    from moe_plugin.converters.output import (build_checked_model,
-                                              check_outputs, config_text,
+    from moe_plugin.converters.output import (arch_text, build_checked_model,
+                                              check_outputs, config_header,
+                                              config_text, imagenet_meta,
                                               save_converted)
     from moe_plugin.converters.vmoe import convert_vmoe, vmoe_test_pipeline
-    try:
-        check_outputs([args.out, args.config_out], args.force)
-        routing = dict(
-            top_k=args.top_k,
-            capacity_factor=args.capacity_factor,
-            eval_capacity_factor=args.eval_capacity_factor,
-            batch_priority=args.batch_priority,
-            group_size=args.group_size,
-            eval_group_size=args.eval_group_size)
-        if args.eval_batch_priority is not None:
-            routing['eval_batch_priority'] = args.eval_batch_priority
-        state, model_cfg, arch = convert_vmoe(args.prefix, **routing)
-        build_checked_model(model_cfg, state)
-        config = None
-        if args.config_out:
-            shown = ('none (Soft MoE)' if arch.moe_type == 'soft' else
-                     ', '.join(f'{k}={v}' for k, v in routing.items()))
-            header = HEADER.format(
-                prefix=args.prefix,
-                out=args.out,
-                arch=', '.join(f'{k}={v}'
-                               for k, v in arch._asdict().items()),
-                routing=shown)
-            header = '\n'.join(
-                '\n'.join(textwrap.wrap(line, 79, subsequent_indent='#   '))
-                for line in header.splitlines())
-            config = config_text(model_cfg, arch.img_size, header,
-                                 vmoe_test_pipeline(arch.img_size))
-        save_converted(state, args.out, config, args.config_out, args.force)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        sys.exit(f'error: {error}')
+    check_outputs([args.out, args.config_out], args.force)
+    routing = dict(
+        top_k=args.top_k,
+        capacity_factor=args.capacity_factor,
+        eval_capacity_factor=args.eval_capacity_factor,
+        batch_priority=args.batch_priority,
+        group_size=args.group_size,
+        eval_group_size=args.eval_group_size)
+    if args.eval_batch_priority is not None:
+        routing['eval_batch_priority'] = args.eval_batch_priority
+    state, model_cfg, arch = convert_vmoe(args.prefix, **routing)
+    build_checked_model(model_cfg, state)
+    config = None
+    if args.config_out:
+        shown = ('none (Soft MoE)' if arch.moe_type == 'soft' else
+                 ', '.join(f'{k}={v}' for k, v in routing.items()))
+        header = config_header(
+            HEADER,
+            prefix=args.prefix,
+            out=args.out,
+            arch=arch_text(arch),
+            routing=shown)
+        config = config_text(model_cfg, arch.img_size, header,
+                             vmoe_test_pipeline(arch.img_size))
+    save_converted(state, args.out, config, args.config_out, args.force,
+                   imagenet_meta(arch.num_classes))
     print(f'wrote {args.out}' +
           (f' and {args.config_out}' if args.config_out else '') +
           f': {arch.num_layers} blocks, MoE blocks {list(arch.moe_layers)} '
@@ -141,4 +129,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

@@ -30,6 +30,9 @@ test_pipeline = [
 train_dataloader = dict(
     batch_size=64,
     num_workers=0,
+    # MMPretrain's own tools/train.py turns persistent workers on by
+    # default, which the DataLoader refuses without workers.
+    persistent_workers=False,
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
@@ -42,6 +45,9 @@ train_dataloader = dict(
 val_dataloader = dict(
     batch_size=128,
     num_workers=0,
+    # MMPretrain's own tools/train.py turns persistent workers on by
+    # default, which the DataLoader refuses without workers.
+    persistent_workers=False,
     dataset=dict(
         type=dataset_type,
         data_root=data_root,

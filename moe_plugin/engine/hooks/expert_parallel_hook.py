@@ -12,18 +12,22 @@ checkpoint written on ``W`` ranks thus resumes on ``W'`` ranks, loads in one
 process (``tools/test.py``) and feeds the converters and the recycling tool
 as any other.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from mmengine.dist import broadcast
-from mmengine.hooks import CheckpointHook, EMAHook, Hook
+from mmengine.hooks import EMAHook, Hook
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper
 from mmpretrain.registry import HOOKS
 
 from moe_plugin.layers.expert_parallel import (ExpertShard, clip_grad_norm_,
                                                expert_parameters)
+
+from .checkpoint_due import (best_checkpoint_possible,
+                             checkpoint_due_after_epoch,
+                             checkpoint_due_after_iter)
 
 
 def _optimizer_indices(optimizer: torch.optim.Optimizer) -> Dict[int, int]:
@@ -124,10 +128,6 @@ class ExpertParallelHook(Hook):
             wrapper.clip_func = clip_grad_norm_
 
     # -- saving ------------------------------------------------------------
-    @staticmethod
-    def _checkpoint_hooks(runner) -> List[CheckpointHook]:
-        return [h for h in runner.hooks if isinstance(h, CheckpointHook)]
-
     def _gather(self, runner) -> None:
         """Collective over the first EP group: full experts on rank 0."""
         experts = expert_parameters(self._model(runner))
@@ -150,22 +150,15 @@ class ExpertParallelHook(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
-        if any(not hook.by_epoch and (
-                hook.every_n_train_iters(runner, hook.interval,
-                                         hook.save_begin) or
-                (hook.save_last and hook.is_last_train_iter(runner)))
-               for hook in self._checkpoint_hooks(runner)):
+        if checkpoint_due_after_iter(runner):
             self._gather(runner)
 
     def after_train_epoch(self, runner) -> None:
-        if any(hook.by_epoch and (
-                hook.every_n_epochs(runner, hook.interval, hook.save_begin)
-                or (hook.save_last and hook.is_last_train_epoch(runner)))
-               for hook in self._checkpoint_hooks(runner)):
+        if checkpoint_due_after_epoch(runner):
             self._gather(runner)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
-        if any(hook.save_best for hook in self._checkpoint_hooks(runner)):
+        if best_checkpoint_possible(runner):
             self._gather(runner)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:

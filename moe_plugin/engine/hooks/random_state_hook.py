@@ -12,9 +12,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from mmengine.dist import all_gather_object, get_rank, get_world_size
-from mmengine.hooks import CheckpointHook, Hook
+from mmengine.hooks import Hook
 from mmengine.runner import IterBasedTrainLoop
 from mmpretrain.registry import HOOKS
+
+from .checkpoint_due import (checkpoint_due_after_epoch,
+                             checkpoint_due_after_iter)
 
 #: The checkpoint key holding one state dict per rank.
 CHECKPOINT_KEY = 'rng_states'
@@ -106,32 +109,22 @@ class RandomStateHook(Hook):
         self._val_states: Optional[Dict] = None
 
     # -- saving ------------------------------------------------------------
-    @staticmethod
-    def _checkpoint_hooks(runner) -> List[CheckpointHook]:
-        return [h for h in runner.hooks if isinstance(h, CheckpointHook)]
-
-    def _gather_if_saving(self, runner, saving) -> None:
+    def _gather(self, runner) -> None:
         """Collect every rank's states where a checkpoint is about to be
         written (all ranks take part in the collective)."""
-        if get_world_size() == 1 or not any(
-                saving(hook) for hook in self._checkpoint_hooks(runner)):
+        if get_world_size() == 1:
             return
         self._gathered = all_gather_object(capture_random_states())
         self._gathered_at = runner.iter
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None) -> None:
-        self._gather_if_saving(
-            runner, lambda hook: not hook.by_epoch and (
-                hook.every_n_train_iters(runner, hook.interval,
-                                         hook.save_begin) or
-                (hook.save_last and hook.is_last_train_iter(runner))))
+        if checkpoint_due_after_iter(runner):
+            self._gather(runner)
 
     def after_train_epoch(self, runner) -> None:
-        self._gather_if_saving(
-            runner, lambda hook: hook.by_epoch and (
-                hook.every_n_epochs(runner, hook.interval, hook.save_begin) or
-                (hook.save_last and hook.is_last_train_epoch(runner))))
+        if checkpoint_due_after_epoch(runner):
+            self._gather(runner)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         # Called on rank 0 only, at the iteration of the gathering (or, for

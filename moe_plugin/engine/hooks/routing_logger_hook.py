@@ -13,18 +13,18 @@ on a logging iteration one extra ``[tokens, D] x [D, E]`` router product per
 sparse layer (the clean gates for the entropy) or one re-run of a soft
 layer's routing weights, and a single host copy of all values.
 """
-import importlib.util
-import warnings
 from typing import Dict, List
 
 import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmengine.visualization import TensorboardVisBackend
-from mmpretrain.registry import HOOKS, VISBACKENDS
+from mmpretrain.registry import HOOKS
 
 from moe_plugin.analysis.recording import (clean_routing_probs,
                                            find_moe_layers, router_entropy)
+
+# Its former home; the backend lives in moe_plugin.engine.vis_backends.
+from ..vis_backends import OptionalTensorboardVisBackend  # noqa: F401
 
 
 @HOOKS.register_module()
@@ -132,49 +132,3 @@ class MoERoutingLoggerHook(Hook):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-@VISBACKENDS.register_module()
-class OptionalTensorboardVisBackend(TensorboardVisBackend):
-    """MMEngine's ``TensorboardVisBackend`` where ``tensorboard`` is
-    installed (``pip install moe_plugin[tensorboard]``); where it is not, a
-    warning once and nothing more, so that one config logs to TensorBoard on
-    machines that have it and still runs on those that do not
-    (``LocalVisBackend`` writes the JSON in both cases).
-
-    Args:
-        save_dir (str): The root directory to save the files produced by the
-            backend.
-    """
-
-    def __init__(self, save_dir: str):
-        super().__init__(save_dir)
-        self.available = importlib.util.find_spec('tensorboard') is not None
-        if not self.available:
-            warnings.warn(
-                'tensorboard is not installed, so '
-                'OptionalTensorboardVisBackend logs nothing; install the '
-                'extra: pip install '
-                "'moe_plugin[tensorboard]' (the JSON scalars are still "
-                'written by LocalVisBackend)')
-
-    def add_config(self, config, **kwargs) -> None:
-        if self.available:
-            super().add_config(config, **kwargs)
-
-    def add_image(self, name, image, step=0, **kwargs) -> None:
-        if self.available:
-            super().add_image(name, image, step, **kwargs)
-
-    def add_scalar(self, name, value, step=0, **kwargs) -> None:
-        if self.available:
-            super().add_scalar(name, value, step, **kwargs)
-
-    def add_scalars(self, scalar_dict, step=0, file_path=None,
-                    **kwargs) -> None:
-        if self.available:
-            super().add_scalars(scalar_dict, step, file_path, **kwargs)
-
-    def close(self) -> None:
-        if self.available:
-            super().close()

@@ -1,5 +1,6 @@
 """An image classifier that adds the auxiliary losses of its MoE layers."""
 import numbers
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -14,6 +15,11 @@ from moe_plugin.layers import is_moe_layer
 #: The auxiliary losses an MoE layer may report, as ``f'{name}_loss'`` in its
 #: ``moe_metrics``, and V-MoE's weights for them.
 DEFAULT_AUX_LOSS_WEIGHTS = dict(importance=0.005, load=0.005, gshard=0., z=0.)
+
+#: The model-zoo metadata that ``mmpretrain.apis.inference_model`` reads to
+#: choose its inferencer; ``get_model`` has none for a config's model.
+CLASSIFICATION_METAINFO = SimpleNamespace(
+    results=[SimpleNamespace(task='Image Classification')])
 
 
 @MODELS.register_module()
@@ -76,6 +82,17 @@ class MoEImageClassifier(ImageClassifier):
             for key, weight in aux_loss_weights.items()
         }
         self._moe_modules: Optional[List[Tuple[str, nn.Module]]] = None
+
+    @property
+    def _metainfo(self):
+        """MMPretrain's model-zoo metadata, or :data:`CLASSIFICATION_METAINFO`
+        for a model built from a config (so that ``inference_model`` works
+        on it)."""
+        return self.__dict__.get('_zoo_metainfo') or CLASSIFICATION_METAINFO
+
+    @_metainfo.setter
+    def _metainfo(self, value) -> None:
+        self.__dict__['_zoo_metainfo'] = value
 
     @property
     def moe_modules(self) -> List[Tuple[str, nn.Module]]:
