@@ -11,7 +11,7 @@ def sorted_entmax15(x):
     written plainly): the threshold of the largest consistent support."""
     z = (x - x.max(-1, keepdim=True).values) / 2
     zs = z.sort(-1, descending=True).values
-    rho = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+    rho = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype, device=z.device)
     mean = zs.cumsum(-1) / rho
     mean_sq = zs.square().cumsum(-1) / rho
     tau = mean - ((1 - rho * (mean_sq - mean**2)) / rho).clamp(min=0).sqrt()
@@ -32,13 +32,13 @@ def logits(rows, n, scale, dtype=torch.float64, seed=0):
 
 @pytest.mark.parametrize('scale', [0.1, 2.0, 20.0, 1e3])
 @pytest.mark.parametrize('n', [1, 2, 7, 294])
-def test_equals_the_sorted_reference_in_float64(n, scale):
-    x = logits(64, n, scale).requires_grad_()
-    grad_out = torch.randn(64, n, dtype=torch.float64)
+def test_equals_the_sorted_reference_in_float64(n, scale, device):
+    x = logits(64, n, scale).to(device).requires_grad_()
+    grad_out = torch.randn(64, n, dtype=torch.float64, device=device)
     out = entmax15(x)
     expected = sorted_entmax15(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(out.sum(-1), torch.ones(64, dtype=x.dtype))
+    torch.testing.assert_close(out.sum(-1), torch.ones_like(out[:, 0]))
     grad, = torch.autograd.grad(out, x, grad_out)
     expected_grad, = torch.autograd.grad(expected, x, grad_out)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
@@ -65,10 +65,10 @@ def test_gradcheck():
 @pytest.mark.parametrize('dtype,atol', [(torch.float64, 1e-12),
                                         (torch.float32, 1e-6)])
 @pytest.mark.parametrize('scale', [2.0, 20.0])
-def test_equals_the_entmax_package(dtype, atol, scale):
+def test_equals_the_entmax_package(dtype, atol, scale, device):
     package = pytest.importorskip('entmax')
-    x = logits(197 * 2, 294, scale, dtype).requires_grad_()
-    grad_out = torch.randn(197 * 2, 294, dtype=dtype)
+    x = logits(197 * 2, 294, scale, dtype).to(device).requires_grad_()
+    grad_out = torch.randn(197 * 2, 294, dtype=dtype, device=device)
     out = entmax15(x)
     expected = package.entmax15(x, dim=-1)
     torch.testing.assert_close(out, expected, rtol=0, atol=atol)
