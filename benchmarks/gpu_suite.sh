@@ -25,7 +25,7 @@ if [ "$DEVICE" = cuda ]; then
     ROOFLINE=(--sparse --soft --models vmoe-b16 vjetmoe-t --amp)
     ROOF_LIMIT=330
 else
-    ROOFLINE=(--models vmoe-tiny --batch 4)
+    ROOFLINE=(--models vmoe-tiny --batch 8)
     ROOF_LIMIT=600
 fi
 if ! $PY -c "import torch, sys; sys.exit(0 if torch.device('$DEVICE').type != 'cuda' or torch.cuda.is_available() else 1)"; then
