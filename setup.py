@@ -42,11 +42,11 @@ setup(
     ],
     extras_require={
         'lite': ['mmcv-lite>=2.0.0rc4,<2.4'],
-        'entmax': ['entmax>=1.1'],
         # tools/model_converters/vmoe_to_mmpretrain.py (V-MoE checkpoints)
         'convert': ['msgpack>=1.0'],
         'graph': ['networkx', 'scikit-learn', 'pymetis'],
         'tensorboard': ['tensorboard'],
+        # entmax: the tests compare moe_plugin.layers.entmax with it
         'dev': ['pytest', 'flake8', 'isort', 'yapf', 'scikit-learn',
                 'entmax>=1.1', 'networkx', 'msgpack>=1.0'],
     },

@@ -32,11 +32,18 @@ compute only):
 - ``vmoe-b16``: V-MoE B/16 every-2 (``vmoe-b16-every2.py``) against
   ViT-B/16, batch 2 / 256 (spec 05's GPU row).
 
+The optimizer is AdamW, ``fused=True`` as in our schedules' configs
+(``--optimizer default`` for torch's default, a for-loop on a CPU). Each
+row also gives each step's matmul FLOPs and least memory traffic
+(``moe_gflop``, ``moe_mb``, ``dense_gflop``, ``dense_mb``; see
+``benchmarks/cost.py``), from which ``benchmarks/roofline.py`` computes the
+floors.
+
 Usage::
 
     python benchmarks/models.py [--preset vmoe-tiny vmoe-s32] \
         [--batch N] [--threads 2] [--repeats 5] [--device cuda] [--amp] \
-        [--compile] [--json out.json]
+        [--compile] [--optimizer fused|default] [--json out.json]
 """
 import argparse
 import contextlib
@@ -53,6 +60,7 @@ from torch import nn
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from cost import step_cost  # noqa: E402
 from memory import saved_bytes  # noqa: E402
 from report import report  # noqa: E402
 
@@ -74,6 +82,9 @@ PRESETS = {
 
 #: Training-time randomness switched off in both models.
 NO_DROPOUT = dict(drop_rate=0.0, drop_path_rate=0.0)
+
+#: --optimizer -> AdamW keyword arguments.
+OPTIMIZERS = {'fused': dict(fused=True), 'default': {}}
 
 
 def load_model_cfg(name: str):
@@ -198,24 +209,28 @@ def peak_memory_mb(step, model, device) -> float:
 
 
 def run_preset(preset, batch, device, amp, compile_model, repeats,
-               optimize=True, warmup=2):
+               optimize=True, warmup=2, optimizer='fused'):
     moe_cfg, dense_cfg, aux = backbone_cfgs(preset)
     torch.manual_seed(0)
     models = [Classifier(moe_cfg, aux), Classifier(dense_cfg, {})]
     img_size = models[0].backbone.img_size
     images = torch.randn(batch, 3, *img_size, device=device)
     labels = torch.randint(0, NUM_CLASSES, (batch, ), device=device)
-    steps, memory, flops = [], [], []
+    steps, memory, flops, costs = [], [], [], []
     for model in models:
         model.to(device).train()
         flops.append(model_flops(model, batch))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-4,
+                                  **OPTIMIZERS[optimizer])
         runner = torch.compile(model) if compile_model else model
-        step = make_step(runner, optimizer, images, labels, amp, device,
+        step = make_step(runner, adamw, images, labels, amp, device,
                          optimize)
         step()  # allocates the optimizer state
         memory.append(peak_memory_mb(step, model, device))
         steps.append(step)
+        eager = make_step(model, adamw, images, labels, amp, device,
+                          optimize)
+        costs.append(step_cost(eager, model, optimize, record_arg=True))
     for _ in range(warmup):
         for step in steps:
             step()
@@ -253,7 +268,14 @@ def run_preset(preset, batch, device, amp, compile_model, repeats,
         amp=amp,
         compile=compile_model,
         optimizer_step=optimize,
-        repeats=repeats)
+        optimizer=optimizer,
+        repeats=repeats,
+        moe_ms=round(moe_s * 1e3, 3),
+        dense_ms=round(dense_s * 1e3, 3),
+        moe_gflop=round(costs[0]['gflop'], 3),
+        moe_mb=round(costs[0]['mb'], 3),
+        dense_gflop=round(costs[1]['gflop'], 3),
+        dense_mb=round(costs[1]['mb'], 3))
 
 
 def main():
@@ -273,6 +295,10 @@ def main():
         '--no-optimizer-step', action='store_true',
         help='time forward + backward only (the AdamW step costs in '
         'proportion to the parameters, not to the FLOPs)')
+    parser.add_argument(
+        '--optimizer', choices=sorted(OPTIMIZERS), default='fused',
+        help="AdamW's implementation: fused=True (our configs') or torch's "
+        'default')
     parser.add_argument('--json', help='write the rows to this JSON file')
     args = parser.parse_args()
     if args.repeats < 5:
@@ -285,13 +311,15 @@ def main():
                                               3]
         rows.append(run_preset(preset, batch, device, args.amp,
                                args.compile, args.repeats,
-                               not args.no_optimizer_step))
+                               not args.no_optimizer_step,
+                               optimizer=args.optimizer))
     header = ('preset', 'batch', 'moe_img_s', 'dense_img_s', 'time_ratio',
               'flops_ratio', 'overhead', 'moe_mem_mb', 'dense_mem_mb')
     print(f'torch {torch.__version__}, {args.threads} threads, '
           f'{rows[0]["device"]}, {args.device}, amp={args.amp}, '
           f'compile={args.compile}, optimizer step='
-          f'{not args.no_optimizer_step}; memory: {rows[0]["memory"]}')
+          f'{not args.no_optimizer_step} ({args.optimizer} AdamW); memory: '
+          f'{rows[0]["memory"]}')
     report(rows, header, 12, args.json)
 
 

@@ -24,12 +24,18 @@ entmax-1.5, noise, expert dropout 0.4) at batch 8 and 32 against the dense
 MLP ``192 -> 768 -> 192`` on the same tokens (spec 05: goal <= 1.6x at
 batch 32; FLOPs 1.32x).
 
+Every row also gives each step's matmul FLOPs and least memory traffic
+(``moe_gflop``, ``moe_mb``, ``dense_gflop``, ``dense_mb``; see
+``benchmarks/cost.py``), from which ``benchmarks/roofline.py`` computes the
+floors.
+
 Usage::
 
     python benchmarks/moe_layer.py [--threads 2] [--repeats 7] [--soft] \
-        [--json out.json]
+        [--device cuda] [--amp] [--json out.json]
 """
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -40,6 +46,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cost import step_cost  # noqa: E402
 from report import report  # noqa: E402
 
 from moe_plugin.layers import (SoftMoE, SparseMoE, SpheroMoE,  # noqa: E402
@@ -77,16 +84,29 @@ def dense_mlp(dims=DIM, hidden=HIDDEN, approximate='tanh'):
         nn.Linear(hidden, dims))
 
 
-def fwd_bwd_step(module, x):
-    """A closure running one forward + backward pass."""
+def fwd_bwd_step(module, x, amp=False):
+    """A closure running one forward + backward pass (bfloat16 autocast
+    with ``amp``; synchronised on CUDA so that it can be timed)."""
     grad = torch.randn_like(x)
+    cuda = x.device.type == 'cuda'
 
     def step():
         module.zero_grad(set_to_none=True)
         x.grad = None
-        module(x).backward(grad)
+        with (torch.autocast(x.device.type, dtype=torch.bfloat16)
+              if amp else contextlib.nullcontext()):
+            out = module(x)
+        out.backward(grad.to(out.dtype))
+        if cuda:
+            torch.cuda.synchronize()
 
     return step
+
+
+def costs(prefix, step, module):
+    """``{prefix}_gflop`` and ``{prefix}_mb`` of one step, rounded."""
+    cost = step_cost(step, module)
+    return {f'{prefix}_{k}': round(v, 3) for k, v in cost.items()}
 
 
 def time_round_robin(steps, repeats, warmup=3):
@@ -110,7 +130,7 @@ def time_round_robin(steps, repeats, warmup=3):
     return medians, ratios
 
 
-def run(threads, repeats, device):
+def run(threads, repeats, device, amp=False):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     rows = []
@@ -121,11 +141,12 @@ def run(threads, repeats, device):
         # The experts run over the whole static buffer of E * G * B rows.
         buffer_rows = EXPERTS * (images // GROUP_IMAGES) * compute_capacity(
             GROUP_IMAGES * TOKENS_PER_IMAGE, EXPERTS, TOP_K, FACTOR)
-        steps = []
+        steps, modules = [], []
         for rows_in in (TOP_K * tokens, buffer_rows):
             dense_x = torch.randn(
                 rows_in, DIM, device=device, requires_grad=True)
-            steps.append(fwd_bwd_step(dense_mlp().to(device), dense_x))
+            modules.append(dense_mlp().to(device))
+            steps.append(fwd_bwd_step(modules[-1], dense_x, amp))
         x = torch.randn(
             images, TOKENS_PER_IMAGE, DIM, device=device, requires_grad=True)
         for _, bpr, einsum in variants:
@@ -137,12 +158,13 @@ def run(threads, repeats, device):
                 capacity_factor=FACTOR,
                 batch_priority=bpr,
                 group_size=GROUP_IMAGES).to(device).train()
-            steps.append(fwd_bwd_step(EinsumMoE(layer) if einsum else layer,
-                                      x))
+            modules.append(EinsumMoE(layer) if einsum else layer)
+            steps.append(fwd_bwd_step(modules[-1], x, amp))
         medians, ratios = time_round_robin(steps, repeats)
         dense_ms, buffer_ms = medians[:2]
-        for (name, _, _), moe_ms, ratio in zip(variants, medians[2:],
-                                               ratios[2:]):
+        dense_cost = costs('dense', steps[0], modules[0])
+        for (name, _, _), moe_ms, ratio, step, module in zip(
+                variants, medians[2:], ratios[2:], steps[2:], modules[2:]):
             rows.append(
                 dict(
                     layer=f'top{TOP_K}-{name}',
@@ -159,11 +181,14 @@ def run(threads, repeats, device):
                     ratio_same_flop=round(ratio / ratios[1], 3),
                     threads=threads,
                     device=device,
-                    repeats=repeats))
+                    amp=amp,
+                    repeats=repeats,
+                    **costs('moe', step, module),
+                    **dense_cost))
     return rows
 
 
-def soft_rows(threads, repeats, device):
+def soft_rows(threads, repeats, device, amp=False):
     """Soft MoE and SpheroMoE against the dense MLP of the same work."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -193,10 +218,10 @@ def soft_rows(threads, repeats, device):
         dense_x = torch.randn(rows_in, dims, device=device,
                               requires_grad=True)
         approximate = 'none' if layer_cls is SpheroMoE else 'tanh'
+        dense = dense_mlp(dims, hidden, approximate).to(device)
         steps = [
-            fwd_bwd_step(dense_mlp(dims, hidden, approximate).to(device),
-                         dense_x),
-            fwd_bwd_step(layer, x)
+            fwd_bwd_step(dense, dense_x, amp),
+            fwd_bwd_step(layer, x, amp)
         ]
         medians, ratios = time_round_robin(steps, repeats)
         rows.append(
@@ -212,7 +237,10 @@ def soft_rows(threads, repeats, device):
                 ratio=round(ratios[1], 3),
                 threads=threads,
                 device=device,
-                repeats=repeats))
+                amp=amp,
+                repeats=repeats,
+                **costs('moe', steps[1], layer),
+                **costs('dense', steps[0], dense)))
     return rows
 
 
@@ -221,6 +249,8 @@ def main():
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--amp', action='store_true',
+                        help='bfloat16 autocast')
     parser.add_argument(
         '--soft',
         action='store_true',
@@ -230,15 +260,16 @@ def main():
     if args.repeats < 5:
         parser.error('--repeats must be >= 5')
     if args.soft:
-        rows = soft_rows(args.threads, args.repeats, args.device)
+        rows = soft_rows(args.threads, args.repeats, args.device, args.amp)
         header = ('layer', 'batch', 'tokens', 'moe_ms',
                   'dense_equivalent_ms', 'ratio', 'dense_reference')
     else:
-        rows = run(args.threads, args.repeats, args.device)
+        rows = run(args.threads, args.repeats, args.device, args.amp)
         header = ('layer', 'tokens', 'moe_ms', 'dense_equivalent_ms',
                   'ratio', 'same_flop_ms', 'ratio_same_flop')
     print(f'torch {torch.__version__}, {args.threads} threads, '
-          f'{platform.processor() or platform.machine()}, {args.device}')
+          f'{platform.processor() or platform.machine()}, {args.device}, '
+          f'amp={args.amp}')
     report(rows, header, 19, args.json)
 
 

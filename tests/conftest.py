@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny generated image folder and a tiny V-MoE config."""
+"""Shared fixtures: a tiny generated image folder, a tiny V-MoE config and
+the ``device`` that the device-independent tests run on (``--device``)."""
 import os
 import os.path as osp
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -95,3 +97,34 @@ def tiny_moe_config(tmp_path_factory, tiny_image_folder):
                              'default_runtime.py'),
             data_root=tiny_image_folder))
     return str(path)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        '--device', default='cpu',
+        help='device of the tests that take the `device` fixture (marked '
+        '`device`; run them alone with -m device), e.g. cuda')
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'device: takes the `device` fixture (runs on --device)')
+    name = config.getoption('--device')
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise pytest.UsageError(f'--device {name!r}: {error}') from error
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise pytest.UsageError(f'--device {name!r}: CUDA is not available')
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if 'device' in getattr(item, 'fixturenames', ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope='session')
+def device(request):
+    """``torch.device`` of ``--device`` (default cpu; checked at start)."""
+    return torch.device(request.config.getoption('--device'))

@@ -26,8 +26,10 @@ class ExpertDropout(nn.Dropout):
             return x
         if x.device.type != 'cpu':
             return F.dropout(x, self.p, True, self.inplace)
-        keep = torch.rand_like(x) >= self.p
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        # The mask is built in place in the uniform draws' buffer (no bool
+        # tensor, no conversion): the same draws, the same mask.
+        scale = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * scale
 
 
 def gelu_approximation(act: str, name: str = 'act') -> str:

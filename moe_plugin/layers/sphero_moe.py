@@ -41,6 +41,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from .base import MoELayer
+from .entmax import entmax15
 from .experts import BatchedExperts
 from .soft_moe import expert_share, slots_to_tokens, tokens_to_slots
 
@@ -50,17 +51,6 @@ COMBINES = ('softmax', 'entmax15')
 def cosine_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
     """``x / (|x| + eps)`` over the last dim (MoE Jetpack's ``l2norm``)."""
     return x / (x.norm(dim=-1, keepdim=True) + eps)
-
-
-def entmax15(logits: Tensor, dim: int = -1) -> Tensor:
-    """entmax-1.5 of the ``entmax`` package (optional extra ``entmax``)."""
-    try:
-        from entmax import entmax15 as _entmax15
-    except ImportError as error:
-        raise ImportError(
-            "combine='entmax15' needs the `entmax` package: "
-            'pip install moe_plugin[entmax]') from error
-    return _entmax15(logits, dim=dim)
 
 
 class OffsetScale(nn.Module):
@@ -95,8 +85,9 @@ class SpheroMoE(MoELayer):
             does; its paper says it does not). Defaults to True.
         slot_layernorm (bool): LayerNorm on the slot parameters before their
             ℓ2 normalisation. Defaults to True.
-        combine (str): 'softmax' or 'entmax15' (MoE Jetpack's; needs the
-            ``entmax`` extra). Defaults to 'softmax'.
+        combine (str): 'softmax' or 'entmax15' (MoE Jetpack's; our exact
+            sort-free :func:`~moe_plugin.layers.entmax.entmax15`, equal to
+            the ``entmax`` package's). Defaults to 'softmax'.
         temperature_init (float): Initial dispatch and combine temperature
             (MoE Jetpack: 0.5). Defaults to 0.5.
         min_temperature (float): Temperatures are clamped to at least this.

@@ -147,3 +147,22 @@ def test_expert_dropout_keeps_with_probability_one_minus_p():
     x = x.detach()
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(ExpertDropout(0.0).train()(x), x)
+
+
+def test_expert_dropout_equals_the_bool_mask_formula():
+    """On a CPU the in-place mask gives the output and gradient of ``x *
+    (rand >= p) / (1 - p)`` from the same draws (float64; other devices use
+    ``F.dropout``)."""
+    from moe_plugin.layers.experts import ExpertDropout
+    drop = ExpertDropout(0.4).train()
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    torch.manual_seed(1)
+    out = drop(x)
+    torch.manual_seed(1)
+    keep = torch.rand_like(x) >= 0.4
+    expected = x * keep.to(x.dtype) / 0.6
+    torch.testing.assert_close(out, expected, rtol=1e-15, atol=0)
+    got, = torch.autograd.grad(out, x, grad)
+    want, = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
