@@ -296,9 +296,12 @@ def run_fashion_mnist(args):
                 f'train_cfg.val_interval={args.upstream_epochs}'
             ]
         # Recycled weights are made once per seed, for every size.
-        shutil.rmtree(seed_dir, ignore_errors=True)
-        timed(f'seed{seed}/pretrain', train, up_config, up_dir, args.gpus,
-              *up_options)
+        shutil.rmtree(osp.join(seed_dir, 'weights'), ignore_errors=True)
+        if not (args.reuse_upstream
+                and osp.exists(osp.join(up_dir, 'last_checkpoint'))):
+            shutil.rmtree(up_dir, ignore_errors=True)
+            timed(f'seed{seed}/pretrain', train, up_config, up_dir,
+                  args.gpus, *up_options)
         dense_upstream.append(val_top1(up_dir)[-1])
         with open(osp.join(up_dir, 'last_checkpoint')) as f:
             dense_ckpt = f.read().strip()
@@ -308,7 +311,7 @@ def run_fashion_mnist(args):
             size_dir = osp.join(seed_dir, f'size_{size}')
             options = data_options(args.downstream_classes, size, seed,
                                    down_test) + _root_options(root)
-            options += epoch_options(args.epochs)
+            options += epoch_options(args.epochs) + args.downstream_options
             for name, (config, recycling) in runs.items():
                 config = osp.join(configs, config)
                 run_options = list(options)
@@ -411,6 +414,13 @@ def main(argv=None):
     fmnist.add_argument('--test-images', type=int, default=2000,
                         help='test images of each task (balanced; the same '
                         'for every run and seed)')
+    fmnist.add_argument('--downstream-options', nargs='+', default=[],
+                        metavar='KEY=VALUE',
+                        help='--cfg-options for every downstream run alike '
+                        '(a recipe change never favours one run)')
+    fmnist.add_argument('--reuse-upstream', action='store_true',
+                        help="keep each seed's upstream model found in OUT "
+                        '(to compare downstream recipes)')
     fmnist.add_argument('--runs', nargs='+', default=list(FMNIST_RUNS),
                         choices=list(FMNIST_RUNS),
                         help='downstream runs (scratch is required)')
