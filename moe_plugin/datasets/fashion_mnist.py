@@ -5,7 +5,8 @@ photographs of clothing in 10 classes, 60,000 train / 10,000 test, shipped
 as four gzipped IDX files. Nothing here downloads:
 :func:`prepare_fashion_mnist` gunzips the four files from a source folder
 (by default where Debian's ``dataset-fashion-mnist`` package installs them)
-into a data folder, where MMPretrain's own ``FashionMNIST`` dataset reads them with ``download=False``.
+into a data folder, where MMPretrain's own ``FashionMNIST`` dataset reads
+them with ``download=False``.
 :class:`FashionMNISTSubset` keeps some classes of it, remaps their labels to
 ``0..k-1`` and can keep a seeded number of images per class: the upstream
 and downstream tasks of ``tools/demo/recycling_demo.py``.

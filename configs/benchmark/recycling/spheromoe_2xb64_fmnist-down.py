@@ -6,8 +6,8 @@
 # `sphero_importance`). Same recipe, data and epochs as the other runs
 # (vmoe_2xb64_fmnist-down.py).
 #
-#   tools/dist_train.sh \
-#       configs/benchmark/recycling/spheromoe_2xb64_fmnist-down.py 2
+#   tools/dist_train.sh
+#   configs/benchmark/recycling/spheromoe_2xb64_fmnist-down.py 2
 #
 # Expected (3 seeds, docs/recycling_benchmark.md): about 76 % top-1 after
 # 16 epochs.

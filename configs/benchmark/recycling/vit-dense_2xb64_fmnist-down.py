@@ -3,8 +3,8 @@
 # new head (`dense_finetune`), with exactly the recipe, data, augmentation
 # and epochs of the MoE runs (vmoe_2xb64_fmnist-down.py).
 #
-#   tools/dist_train.sh \
-#       configs/benchmark/recycling/vit-dense_2xb64_fmnist-down.py 2
+#   tools/dist_train.sh
+#   configs/benchmark/recycling/vit-dense_2xb64_fmnist-down.py 2
 #
 # Expected (3 seeds, docs/recycling_benchmark.md): about 79 % top-1 after
 # 16 epochs.

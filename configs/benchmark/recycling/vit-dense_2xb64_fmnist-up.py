@@ -3,8 +3,8 @@
 # pretrained on the upstream classes 0-4 (2,000 training images per class),
 # evaluated once on 2,000 of their test images.
 #
-#   tools/dist_train.sh \
-#       configs/benchmark/recycling/vit-dense_2xb64_fmnist-up.py 2
+#   tools/dist_train.sh
+#   configs/benchmark/recycling/vit-dense_2xb64_fmnist-up.py 2
 #
 # Expected: about 85 % top-1 on classes 0-4 after 10 epochs.
 _base_ = ['./vmoe_2xb64_fmnist-down.py']

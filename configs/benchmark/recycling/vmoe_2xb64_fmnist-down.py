@@ -10,8 +10,8 @@
 # --cfg-options; every downstream run (this one, the SpheroMoE and the
 # dense fine-tune) uses this recipe.
 #
-#   tools/dist_train.sh \
-#       configs/benchmark/recycling/vmoe_2xb64_fmnist-down.py 2
+#   tools/dist_train.sh
+#   configs/benchmark/recycling/vmoe_2xb64_fmnist-down.py 2
 #
 # Expected (3 seeds, docs/recycling_benchmark.md): from scratch about 64 %
 # top-1 after 16 epochs, upcycled about 80 %.
