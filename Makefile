@@ -3,6 +3,10 @@
 # make test: lint + the test suite
 # make gpu-suite: benchmarks/gpu_suite.sh (CUDA bf16 benchmarks with floors and
 #   the device tests on CUDA, JSON in work_dirs/gpu_suite; <= 8 minutes)
+# make benchmark-recycling: the recycling benchmark on Fashion-MNIST (3 seeds,
+#   about an hour on 2 CPU cores); make benchmark-recycling-sweep: the
+#   downstream training-set size sweep (1 seed); make fashion-mnist-data:
+#   the data alone (Debian's dataset-fashion-mnist, installed if missing)
 # Both create .venv in the checkout if it is missing and install what is
 # needed once (the stamp file makes a second run fast).
 
@@ -14,7 +18,8 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 MMCV_LITE := mmcv-lite>=2.0.0rc4,<2.4
 LINT_DIRS := $(wildcard moe_plugin tools tests benchmarks)
 
-.PHONY: all install demo test lint gpu-suite
+.PHONY: all install demo test lint gpu-suite fashion-mnist-data \
+	benchmark-recycling benchmark-recycling-sweep
 
 all: test
 
@@ -46,3 +51,37 @@ test: lint
 
 gpu-suite: $(STAMP)
 	PYTHON=$(abspath $(PY)) benchmarks/gpu_suite.sh work_dirs/gpu_suite
+
+FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
+BENCH_OUT ?= work_dirs/recycling_benchmark
+
+# Installs the Debian package where it is missing and apt-get may run (root,
+# or sudo without a password); otherwise says how to get the four files.
+fashion-mnist-data: $(STAMP)
+	@if [ ! -f $(FMNIST_SRC)/train-images-idx3-ubyte.gz ] && \
+		[ "$(FMNIST_SRC)" = /usr/share/datasets/fashion-mnist ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; \
+		elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+		else SUDO=none; fi; \
+		if [ "$$SUDO" != none ] && command -v apt-get >/dev/null; then \
+			$$SUDO apt-get install -y dataset-fashion-mnist; \
+		else \
+			echo "Fashion-MNIST is missing in $(FMNIST_SRC): run" \
+			"'sudo apt-get install dataset-fashion-mnist', or put the four" \
+			"*-ubyte.gz files in a folder and pass FMNIST_SRC=DIR"; \
+			exit 1; \
+		fi; \
+	fi
+	$(PY) -c 'from moe_plugin.datasets import prepare_fashion_mnist; \
+		print(prepare_fashion_mnist("data/fashion_mnist", "$(FMNIST_SRC)"))'
+
+benchmark-recycling: fashion-mnist-data
+	PATH="$(abspath $(VENV))/bin:$$PATH" \
+		$(PY) tools/demo/recycling_demo.py --dataset fashion_mnist \
+		--seeds 3 --data-src $(FMNIST_SRC) --out $(BENCH_OUT)
+
+benchmark-recycling-sweep: fashion-mnist-data
+	PATH="$(abspath $(VENV))/bin:$$PATH" \
+		$(PY) tools/demo/recycling_demo.py --dataset fashion_mnist \
+		--seeds 1 --train-images-per-class 20 100 500 \
+		--data-src $(FMNIST_SRC) --out $(BENCH_OUT)_sweep

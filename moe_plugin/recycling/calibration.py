@@ -221,9 +221,9 @@ def build_dense_vit(dense,
                     backbone: nn.Module,
                     num_heads: Optional[int] = None) -> nn.Module:
     """MMPretrain's ``VisionTransformer`` holding the dense weights, with
-    the target backbone's image size, and its heads unless ``num_heads``
-    (a wider dense model) is given (exact GELU, as timm and MMPretrain
-    ViTs)."""
+    the target backbone's image size, the checkpoint's image channels (1
+    for grey images), and the target's heads unless ``num_heads`` (a wider
+    dense model) is given (exact GELU, as timm and MMPretrain ViTs)."""
     from mmpretrain.models import VisionTransformer
     model = VisionTransformer(
         arch=dict(
@@ -233,6 +233,7 @@ def build_dense_vit(dense,
             feedforward_channels=dense.feedforward_channels),
         img_size=backbone.img_size,
         patch_size=dense.patch_size,
+        in_channels=dense.in_channels,
         with_cls_token='cls_token' in dense.state,
         final_norm='ln1.weight' in dense.state,
         out_type='raw' if 'cls_token' not in dense.state else 'cls_token',

@@ -60,6 +60,11 @@ class DenseViT(NamedTuple):
         return self.state['patch_embed.projection.weight'].shape[-1]
 
     @property
+    def in_channels(self) -> int:
+        """Image channels of the patch embedding (1 for grey images)."""
+        return self.state['patch_embed.projection.weight'].shape[1]
+
+    @property
     def feedforward_channels(self) -> int:
         return self.state['layers.0.ffn.layers.0.0.weight'].shape[0]
 
