@@ -42,8 +42,8 @@ PY_TAG=$("$PYTHON" -c 'import sys; print("py%d%d" % sys.version_info[:2])')
 TORCH_VERSION=$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')
 CACHE="$CACHE_ROOT/wheels/$PY_TAG-torch$TORCH_VERSION"
 find_wheel() {
-    find "$CACHE" -maxdepth 1 -name "mmcv-$MMCV_VERSION-*.whl" 2>/dev/null \
-        | sort | head -n 1
+    [ -d "$CACHE" ] || return 0
+    find "$CACHE" -maxdepth 1 -name "mmcv-$MMCV_VERSION-*.whl" | sort | head -n 1
 }
 WHEEL=$(find_wheel)
 

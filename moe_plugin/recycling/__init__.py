@@ -8,6 +8,8 @@ optionally from activation statistics of calibration images
 :class:`.initializer.RecycleDenseInit` the config-only route.
 """
 from .calibration import balanced_choice, build_dense_vit, calibrate
+from .convnext import (DenseConvNeXt, load_dense_convnext, recycle_convnext,
+                       recycle_convnext_model)
 from .formats import DenseViT, load_dense_vit, sha256
 from .initializer import RecycleDenseInit
 from .methods import CALIBRATED, METHODS, build_experts, select_indices
@@ -17,5 +19,6 @@ __all__ = [
     'DenseViT', 'load_dense_vit', 'sha256', 'METHODS', 'CALIBRATED',
     'select_indices', 'build_experts', 'calibrate', 'balanced_choice',
     'build_dense_vit', 'recycle', 'recycle_backbone', 'save_recycled',
-    'RecycleDenseInit'
+    'RecycleDenseInit', 'DenseConvNeXt', 'load_dense_convnext',
+    'recycle_convnext', 'recycle_convnext_model'
 ]

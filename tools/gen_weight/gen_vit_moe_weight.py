@@ -1,5 +1,12 @@
 """Recycle a dense ViT checkpoint into an MoE model's initial weights.
 
+The config may be a classifier's (MMPretrain), a detector's (MMDetection)
+or a segmentor's (MMSegmentation): the model is built in the config's
+``default_scope`` and its ``backbone`` (a ``VisionMoE``, ``VisionMoEPyramid``
+or ``ConvNeXtMoE``; for the last a dense timm / MMPretrain ConvNeXt and the
+methods without calibration) is filled; necks and heads keep their own
+initialisation.
+
 Examples:
     python tools/gen_weight/gen_vit_moe_weight.py \\
         configs/vmoe/vmoe-s32-last2_8xb1024_in1k.py --dense vit_s32.pth \\
@@ -7,6 +14,10 @@ Examples:
     python tools/gen_weight/gen_vit_moe_weight.py CONFIG --dense vit.npz \\
         --method importance --calib-data data/imagenet/train \\
         --num-calib-images 512
+
+    python tools/gen_weight/gen_vit_moe_weight.py \\
+        configs/det/mask-rcnn_vmoe-b16-pyramid_8xb8-100e_coco-1024.py \\
+        --dense vit_b16.pth --out weights/mask-rcnn_vmoe-b16_upcycled.pth
 
 The output loads strictly into the config's model (`load_from`); a JSON
 report beside it lists the keys copied, sampled and left fresh, the source
@@ -143,11 +154,36 @@ def layout_line(report, trunk, trunk_path):
     return ''
 
 
+def recycle_convnext(args, model):
+    """State, report and summary lines for a ``ConvNeXtMoE`` backbone."""
+    from moe_plugin import recycling
+    if args.method in recycling.CALIBRATED or args.trunk:
+        raise ValueError('a ConvNeXtMoE target takes --method upcycle, '
+                         'random or uniform, without --trunk')
+    dense = recycling.load_dense_convnext(args.dense, args.dense_format)
+    state, report = recycling.recycle_convnext_model(
+        dense, model, fresh_head=args.fresh_head, method=args.method,
+        noise=args.noise, seed=args.seed)
+    source = f'{args.dense} ({dense.fmt}, ConvNeXt)'
+    target = f'MoE blocks per stage {model.backbone.moe_blocks}'
+    return state, report, dense.fmt, source, target
+
+
+def build_model(cfg):
+    """The config's model, built in its registry scope (``mmpretrain``,
+    ``mmdet`` or ``mmseg``)."""
+    from mmengine.registry import MODELS, DefaultScope
+    model_cfg = cfg.model.copy()
+    model_cfg.pop('init_cfg', None)
+    with DefaultScope.overwrite_default_scope(
+            cfg.get('default_scope', 'mmpretrain')):
+        return MODELS.build(model_cfg)
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
     from mmengine.config import Config
-    from mmpretrain.registry import MODELS
 
     import moe_plugin  # noqa: F401
     from moe_plugin import recycling
@@ -163,18 +199,33 @@ def main(argv=None):
         f'{osp.splitext(osp.basename(args.config))[0]}_{args.method}.pth')
     if osp.exists(out) and not args.force:
         raise FileExistsError(f'{out} exists; pass --force to overwrite it')
-    model_cfg = cfg.model.copy()
-    model_cfg.pop('init_cfg', None)
     # The fresh parameters (routers, slots, a new head) come from the
     # target's own initialisation: seeded, so that a run is reproducible.
     torch.manual_seed(args.seed)
-    model = MODELS.build(model_cfg)
+    model = build_model(cfg)
     model.init_weights()
     backbone = model.backbone
+    if hasattr(backbone, 'moe_blocks'):
+        state, report, fmt, source, target = recycle_convnext(args, model)
+        model.load_state_dict(state, strict=True)
+        report.update(
+            source=osp.abspath(args.dense),
+            sha256=recycling.sha256(args.dense), format=fmt,
+            config=osp.abspath(args.config), method=args.method,
+            seed=args.seed, noise=args.noise, torch=torch.__version__,
+            seconds=dict(total=round(time.perf_counter() - start, 3)))
+        weights, report_path = recycling.save_recycled(
+            state, report, out, args.force, args.safetensors)
+        print(f'source:  {source}\ntarget:  {args.config} ({target})\n'
+              f'method:  {args.method}\n'
+              f"keys:    {len(report['copied'])} copied, "
+              f"{len(report['sampled'])} sampled, {len(report['fresh'])} "
+              f'fresh\nweights: {weights}\nreport:  {report_path}')
+        return
     if not hasattr(backbone, 'moe_layers'):
         raise ValueError(f'the model of {args.config} has a '
                          f'{type(backbone).__name__} backbone; the target '
-                         'must be a VisionMoE')
+                         'must be a VisionMoE or ConvNeXtMoE')
     dense = recycling.load_dense_vit(args.dense, args.dense_format)
     trunk = None
     if args.trunk:
