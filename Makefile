@@ -1,9 +1,11 @@
 # make demo: the recycling demo on scikit-learn's digits (2 CPU procs): a
 #   dense ViT pretrained on classes 0-4, recycled into MoEs, fine-tuned on 5-9
 # make test: lint + the test suite, dense prediction included
+# make dense-demo: detection and segmentation with a dense and a recycled
+#   MoE backbone on digits pasted on a canvas (MMDetection, MMSegmentation)
 # All create .venv in the checkout if it is missing and install what is
-# needed once (the stamp files make a second run fast). `test` also
-# needs the full mmcv 2.1 (compiled ops):
+# needed once (the stamp files make a second run fast). `test` and
+# `dense-demo` also need the full mmcv 2.1 (compiled ops):
 # tools/install_mmcv.sh builds it once per machine (about 23 min on 2
 # cores) and caches the wheel in ~/.cache/moe_plugin; `demo` does not.
 
@@ -17,7 +19,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 MMCV_LITE := mmcv-lite>=2.0.0rc4,<2.2
 LINT_DIRS := $(wildcard moe_plugin tools tests benchmarks)
 
-.PHONY: all install install-dense demo test lint
+.PHONY: all install install-dense demo dense-demo test lint
 
 all: test
 
@@ -55,3 +57,7 @@ lint: $(STAMP)
 
 test: lint $(DENSE_STAMP)
 	$(PY) -m pytest tests
+
+dense-demo: $(DENSE_STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" \
+		$(PY) tools/demo/dense_prediction_demo.py --out work_dirs/dense_demo
