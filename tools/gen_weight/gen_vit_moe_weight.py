@@ -16,7 +16,7 @@ Examples:
         --num-calib-images 512
 
     python tools/gen_weight/gen_vit_moe_weight.py \\
-        configs/det/mask-rcnn_vmoe-b16-pyramid_8xb8-100e_coco-1024.py \\
+        configs/det/mask-rcnn_vmoe-b16-sfp_8xb8-100e_coco.py \\
         --dense vit_b16.pth --out weights/mask-rcnn_vmoe-b16_upcycled.pth
 
 The output loads strictly into the config's model (`load_from`); a JSON
@@ -173,8 +173,19 @@ def build_model(cfg):
     """The config's model, built in its registry scope (``mmpretrain``,
     ``mmdet`` or ``mmseg``)."""
     from mmengine.registry import MODELS, DefaultScope
+
+    from moe_plugin.models.backbones.common import LOADING_INITS
     model_cfg = cfg.model.copy()
     model_cfg.pop('init_cfg', None)
+    # This tool does what a RecycleDenseInit of the backbone would.
+    backbone_init = model_cfg.get('backbone', {}).get('init_cfg')
+    if backbone_init:
+        inits = [
+            c for c in (backbone_init if isinstance(backbone_init, list)
+                        else [backbone_init])
+            if c.get('type') not in LOADING_INITS
+        ]
+        model_cfg.backbone.init_cfg = inits or None
     with DefaultScope.overwrite_default_scope(
             cfg.get('default_scope', 'mmpretrain')):
         return MODELS.build(model_cfg)

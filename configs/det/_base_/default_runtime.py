@@ -1,3 +1,6 @@
+# Copied from MMDetection 3.3.0:
+# configs/_base_/default_runtime.py (our own copy: `mmdet::` /
+# `mmseg::` inheritance needs pkg_resources).
 default_scope = 'mmdet'
 
 default_hooks = dict(

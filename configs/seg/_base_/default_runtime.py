@@ -1,3 +1,6 @@
+# Copied from MMSegmentation 1.2.2:
+# configs/_base_/default_runtime.py (our own copy: `mmdet::` /
+# `mmseg::` inheritance needs pkg_resources).
 default_scope = 'mmseg'
 env_cfg = dict(
     cudnn_benchmark=True,

@@ -1,3 +1,6 @@
+# Copied from MMDetection 3.3.0:
+# configs/_base_/datasets/coco_instance.py (our own copy: `mmdet::` /
+# `mmseg::` inheritance needs pkg_resources).
 # dataset settings
 dataset_type = 'CocoDataset'
 data_root = 'data/coco/'

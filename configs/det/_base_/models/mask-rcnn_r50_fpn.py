@@ -1,3 +1,6 @@
+# Copied from MMDetection 3.3.0:
+# configs/_base_/models/mask-rcnn_r50_fpn.py (our own copy: `mmdet::` /
+# `mmseg::` inheritance needs pkg_resources).
 # model settings
 model = dict(
     type='MaskRCNN',

@@ -1,3 +1,6 @@
+# Copied from MMSegmentation 1.2.2:
+# configs/_base_/datasets/ade20k.py (our own copy: `mmdet::` /
+# `mmseg::` inheritance needs pkg_resources).
 # dataset settings
 dataset_type = 'ADE20KDataset'
 data_root = 'data/ade/ADEChallengeData2016'

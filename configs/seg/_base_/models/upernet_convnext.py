@@ -1,3 +1,6 @@
+# Copied from MMSegmentation 1.2.2:
+# configs/_base_/models/upernet_convnext.py (our own copy: `mmdet::` /
+# `mmseg::` inheritance needs pkg_resources).
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 custom_imports = dict(imports='mmpretrain.models', allow_failed_imports=False)
 checkpoint_file = 'https://download.openmmlab.com/mmclassification/v0/convnext/downstream/convnext-base_3rdparty_32xb128-noema_in1k_20220301-2a0ee547.pth'  # noqa

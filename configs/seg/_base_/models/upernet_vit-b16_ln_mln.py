@@ -1,3 +1,6 @@
+# Copied from MMSegmentation 1.2.2:
+# configs/_base_/models/upernet_vit-b16_ln_mln.py (our own copy: `mmdet::` /
+# `mmseg::` inheritance needs pkg_resources).
 # model settings
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 data_preprocessor = dict(

@@ -1,3 +1,6 @@
+# Copied from MMSegmentation 1.2.2:
+# configs/_base_/schedules/schedule_160k.py (our own copy: `mmdet::` /
+# `mmseg::` inheritance needs pkg_resources).
 # optimizer
 optimizer = dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0005)
 optim_wrapper = dict(type='OptimWrapper', optimizer=optimizer, clip_grad=None)
