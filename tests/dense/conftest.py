@@ -68,3 +68,15 @@ def dense_vit_checkpoint(tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'no_toolbox: runs without mmdet / mmseg / the full mmcv')
+
+
+@pytest.fixture(autouse=True)
+def restore_default_scope():
+    """A runner makes 'mmdet' / 'mmseg' the current registry scope for the
+    whole process; later MMPretrain builds would look up their types there.
+    Restore the scopes after each test."""
+    from mmengine.registry import DefaultScope
+    saved = DefaultScope._instance_dict.copy()
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(saved)

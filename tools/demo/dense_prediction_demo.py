@@ -57,8 +57,14 @@ def parse_args(argv=None):
     parser.add_argument('--gpus', type=int, default=2,
                         help='processes per run (CPU: gloo)')
     parser.add_argument('--data-root', default='data')
-    parser.add_argument('--epochs', type=int, default=5,
-                        help='epochs of each detection / segmentation run')
+    parser.add_argument('--det-epochs', type=int, default=5,
+                        help='epochs of each detection run')
+    parser.add_argument('--seg-epochs', type=int, default=12,
+                        help='epochs of each segmentation run')
+    parser.add_argument('--tasks', nargs='+', default=list(METRICS),
+                        choices=list(METRICS),
+                        help='tasks to (re)run; the others keep their '
+                        'figures of an earlier summary.json in --out')
     parser.add_argument('--pretrain-epochs', type=int, default=15)
     parser.add_argument('--num-train', type=int, default=300,
                         help='training canvases')
@@ -95,25 +101,35 @@ def main(argv=None):
     seconds['data'] = round(time.perf_counter() - start, 1)
 
     pretrain_dir = osp.join(args.out, 'pretrain')
-    seconds['pretrain'] = round(train(
-        PRETRAIN, pretrain_dir, args.gpus,
-        f'train_dataloader.dataset.data_root={digits}',
-        f'val_dataloader.dataset.data_root={digits}',
-        f'train_cfg.max_epochs={args.pretrain_epochs}',
-        f'train_cfg.val_interval={args.pretrain_epochs}',
-        f'default_hooks.checkpoint.interval={args.pretrain_epochs}'), 1)
     dense = osp.join(pretrain_dir, f'epoch_{args.pretrain_epochs}.pth')
+    out = osp.join(args.out, 'summary.json')
+    previous = {}
+    if osp.isfile(out):
+        with open(out) as f:
+            previous = json.load(f)
+    if not osp.isfile(dense):
+        seconds['pretrain'] = round(train(
+            PRETRAIN, pretrain_dir, args.gpus,
+            f'train_dataloader.dataset.data_root={digits}',
+            f'val_dataloader.dataset.data_root={digits}',
+            f'train_cfg.max_epochs={args.pretrain_epochs}',
+            f'train_cfg.val_interval={args.pretrain_epochs}',
+            f'default_hooks.checkpoint.interval={args.pretrain_epochs}'), 1)
     pretrain_top1 = last_scalars(pretrain_dir).get('accuracy/top1')
 
     root = canvas['root'].rstrip('/') + '/'
-    summary = {task: {} for task in METRICS}
+    summary = {task: previous.get(task, {}) for task in METRICS}
+    seconds = dict(previous.get('seconds', {}), **seconds)
+    epochs = dict(detection=args.det_epochs, segmentation=args.seg_epochs)
     for (task, kind), config in RUNS.items():
+        if task not in args.tasks:
+            continue
         work_dir = osp.join(args.out, f'{task}_{kind}')
         options = [
             f'model.backbone.init_cfg.checkpoint={dense}',
-            f'train_cfg.max_epochs={args.epochs}',
-            f'train_cfg.val_interval={args.epochs}',
-            f'default_hooks.checkpoint.interval={args.epochs}',
+            f'train_cfg.max_epochs={epochs[task]}',
+            f'train_cfg.val_interval={epochs[task]}',
+            f'default_hooks.checkpoint.interval={epochs[task]}',
         ] + [f'{loader}.dataset.data_root={root}' for loader in (
             'train_dataloader', 'val_dataloader', 'test_dataloader')]
         if task == 'detection':
@@ -133,12 +149,11 @@ def main(argv=None):
     summary.update(
         pretrain=dict(checkpoint=dense, val_top1=pretrain_top1),
         seconds=seconds,
-        settings=dict(gpus=args.gpus, epochs=args.epochs,
+        settings=dict(gpus=args.gpus, epochs=epochs,
                       pretrain_epochs=args.pretrain_epochs,
                       num_train=args.num_train, num_val=args.num_val,
                       configs={f'{t}_{k}': osp.join(CONFIGS, c)
                                for (t, k), c in RUNS.items()}))
-    out = osp.join(args.out, 'summary.json')
     with atomic_outputs([out]) as (tmp, ):
         with open(tmp, 'w') as f:
             json.dump(summary, f, indent=1)

@@ -87,7 +87,7 @@ val_evaluator = dict(type='CocoMetric',
                      metric=['bbox', 'segm'], format_only=False)
 test_evaluator = val_evaluator
 
-max_epochs = 6
+max_epochs = 5
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs,
                  val_interval=max_epochs)
 val_cfg = dict(type='ValLoop')
