@@ -1,25 +1,32 @@
 # make demo: the recycling demo on scikit-learn's digits (2 CPU procs): a
 #   dense ViT pretrained on classes 0-4, recycled into MoEs, fine-tuned on 5-9
-# make test: lint + the test suite
+# make test: lint + the test suite, dense prediction included
+# make dense-demo: detection and segmentation with a dense and a recycled
+#   MoE backbone on digits pasted on a canvas (MMDetection, MMSegmentation)
 # make gpu-suite: benchmarks/gpu_suite.sh (CUDA bf16 benchmarks with floors and
 #   the device tests on CUDA, JSON in work_dirs/gpu_suite; <= 8 minutes)
 # make benchmark-recycling: the recycling benchmark on Fashion-MNIST (3 seeds,
 #   about an hour on 2 CPU cores); make benchmark-recycling-sweep: the
 #   downstream training-set size sweep (1 seed); make fashion-mnist-data:
 #   the data alone (Debian's dataset-fashion-mnist, installed if missing)
-# Both create .venv in the checkout if it is missing and install what is
-# needed once (the stamp file makes a second run fast).
+# All create .venv in the checkout if it is missing and install what is
+# needed once (the stamp files make a second run fast). `test` and
+# `dense-demo` also need the full mmcv 2.1 (compiled ops):
+# tools/install_mmcv.sh builds it once per machine (about 23 min on 2
+# cores) and caches the wheel in ~/.cache/moe_plugin; `demo` does not.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moe_plugin-installed
+DENSE_STAMP := $(VENV)/.moe_plugin-dense-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
-MMCV_LITE := mmcv-lite>=2.0.0rc4,<2.4
+# MMDetection 3.3 and MMSegmentation 1.2 refuse mmcv >= 2.2.
+MMCV_LITE := mmcv-lite>=2.0.0rc4,<2.2
 LINT_DIRS := $(wildcard moe_plugin tools tests benchmarks)
 
-.PHONY: all install demo test lint gpu-suite fashion-mnist-data \
-	benchmark-recycling benchmark-recycling-sweep
+.PHONY: all install install-dense demo dense-demo test lint gpu-suite \
+	fashion-mnist-data benchmark-recycling benchmark-recycling-sweep
 
 all: test
 
@@ -35,7 +42,16 @@ $(STAMP): $(PY) setup.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The full mmcv (kept if present, else the cached or freshly built wheel,
+# replacing mmcv-lite) and MMDetection / MMSegmentation.
+$(DENSE_STAMP): $(STAMP) tools/install_mmcv.sh
+	tools/install_mmcv.sh $(PY)
+	$(PY) -m pip install --quiet -e '.[dev,det,seg]'
+	touch $(DENSE_STAMP)
+
 install: $(STAMP)
+
+install-dense: $(DENSE_STAMP)
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" \
@@ -46,7 +62,7 @@ lint: $(STAMP)
 	$(PY) -m isort --check-only --diff --line-length 79 -m 0 \
 		-p moe_plugin $(LINT_DIRS) setup.py
 
-test: lint
+test: lint $(DENSE_STAMP)
 	$(PY) -m pytest tests
 
 gpu-suite: $(STAMP)
@@ -85,3 +101,7 @@ benchmark-recycling-sweep: fashion-mnist-data
 		$(PY) tools/demo/recycling_demo.py --dataset fashion_mnist \
 		--seeds 1 --train-images-per-class 20 100 500 \
 		--data-src $(FMNIST_SRC) --out $(BENCH_OUT)_sweep
+
+dense-demo: $(DENSE_STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" \
+		$(PY) tools/demo/dense_prediction_demo.py --out work_dirs/dense_demo

@@ -2,7 +2,9 @@
 
 MMCV is not a hard requirement: MMPretrain needs either the full ``mmcv``
 (built for your CUDA) or ``mmcv-lite``. Install one yourself, or the
-``lite`` extra, so that a full mmcv is never replaced.
+``lite`` extra, so that a full mmcv is never replaced. Detection (``det``)
+and segmentation (``seg``) need the full mmcv < 2.2 (compiled ops):
+``tools/install_mmcv.sh`` (CPU) or ``mim install 'mmcv<2.2'`` (CUDA) first.
 """
 import os.path as osp
 
@@ -41,7 +43,12 @@ setup(
         'safetensors',
     ],
     extras_require={
-        'lite': ['mmcv-lite>=2.0.0rc4,<2.4'],
+        # mmdet 3.3 and mmseg 1.2 assert mmcv < 2.2 at import.
+        'lite': ['mmcv-lite>=2.0.0rc4,<2.2'],
+        # MMDetection / MMSegmentation backbones (moe_plugin.models.dense);
+        # mmseg imports ftfy and regex without declaring them.
+        'det': ['mmdet>=3.3,<3.4'],
+        'seg': ['mmsegmentation>=1.2,<1.3', 'ftfy', 'regex'],
         # tools/model_converters/vmoe_to_mmpretrain.py (V-MoE checkpoints)
         'convert': ['msgpack>=1.0'],
         'graph': ['networkx', 'scikit-learn', 'pymetis'],

@@ -5,7 +5,9 @@
   generators in the checkpoints, so that a resumed run draws what an
   uninterrupted one does), :class:`PortableCheckpointHook` (run checkpoints
   that load with plain ``torch.load(weights_only=True)``),
-  :class:`MoERoutingLoggerHook` (each MoE layer's routing as scalars);
+  :class:`MoERoutingLoggerHook` (each MoE layer's routing as scalars),
+  :class:`MoEAuxLossHook` / :func:`add_moe_aux_loss` (the routers'
+  auxiliary losses added to an MMDetection / MMSegmentation model's losses);
   ``hooks/checkpoint_due.py`` tells the hooks when a checkpoint is due.
 - :mod:`.model_wrapper`: :class:`MoEDistributedDataParallel` (DDP that
   leaves the sharded experts out) and :func:`configure_expert_parallel`
@@ -16,8 +18,8 @@
 
 Everything registered here is found by its ``type=`` name in a config.
 """
-from .hooks import (ExpertParallelHook, MoERoutingLoggerHook,
-                    PortableCheckpointHook, RandomStateHook)
+from .hooks import (ExpertParallelHook, MoEAuxLossHook, MoERoutingLoggerHook,
+                    PortableCheckpointHook, RandomStateHook, add_moe_aux_loss)
 from .model_wrapper import (MoEDistributedDataParallel,
                             configure_expert_parallel)
 from .runner_setup import build_runner
@@ -26,5 +28,6 @@ from .vis_backends import OptionalTensorboardVisBackend
 __all__ = [
     'ExpertParallelHook', 'RandomStateHook', 'PortableCheckpointHook',
     'MoERoutingLoggerHook', 'OptionalTensorboardVisBackend',
-    'MoEDistributedDataParallel', 'configure_expert_parallel', 'build_runner'
+    'MoEDistributedDataParallel', 'configure_expert_parallel', 'build_runner',
+    'MoEAuxLossHook', 'add_moe_aux_loss'
 ]

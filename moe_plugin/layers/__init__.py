@@ -1,4 +1,6 @@
 """Pure-PyTorch MoE building blocks (no registry, no MMEngine)."""
+from .aux_loss import (DEFAULT_AUX_LOSS_WEIGHTS, check_aux_loss_weights,
+                       find_moe_modules, moe_losses)
 from .base import MoELayer, is_moe_layer
 from .dispatch import (IndexDispatcher, expert_choice_dispatcher,
                        token_choice_dispatcher)
@@ -21,5 +23,6 @@ __all__ = [
     'compute_capacity', 'importance_loss', 'load_loss', 'gshard_loss',
     'z_loss', 'SparseMoE', 'SoftMoE', 'SpheroMoE', 'set_eval_routing',
     'einsum_top_k_combine', 'einsum_top_k_forward',
-    'einsum_sparse_moe_forward'
+    'einsum_sparse_moe_forward', 'DEFAULT_AUX_LOSS_WEIGHTS',
+    'check_aux_loss_weights', 'find_moe_modules', 'moe_losses'
 ]

@@ -6,9 +6,10 @@ Importing this package registers the MoE layers, ``VisionMoE`` and
 from .backbones import ConvNeXtMoE, VisionMoE, parse_moe_layers
 from .builder import build_moe_layer, register_moe_layers
 from .classifiers import MoEImageClassifier
+from .dense import VisionMoEPyramid
 from .necks import MoENeck
 
 __all__ = [
     'VisionMoE', 'parse_moe_layers', 'build_moe_layer', 'register_moe_layers',
-    'MoEImageClassifier', 'MoENeck', 'ConvNeXtMoE'
+    'MoEImageClassifier', 'MoENeck', 'ConvNeXtMoE', 'VisionMoEPyramid'
 ]

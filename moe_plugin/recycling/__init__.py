@@ -8,6 +8,8 @@ optionally from activation statistics of calibration images
 :class:`.initializer.RecycleDenseInit` the config-only route.
 """
 from .calibration import balanced_choice, build_dense_vit, calibrate
+from .convnext import (DenseConvNeXt, load_dense_convnext, recycle_convnext,
+                       recycle_convnext_model)
 from .formats import DenseViT, load_dense_vit, sha256
 from .initializer import RecycleDenseInit
 from .methods import (CALIBRATED, METHODS, RecyclingOptions, build_experts,
@@ -18,5 +20,6 @@ __all__ = [
     'DenseViT', 'load_dense_vit', 'sha256', 'METHODS', 'CALIBRATED',
     'RecyclingOptions', 'check_sources', 'select_indices', 'build_experts',
     'calibrate', 'balanced_choice', 'build_dense_vit', 'recycle',
-    'recycle_backbone', 'save_recycled', 'RecycleDenseInit'
+    'recycle_backbone', 'save_recycled', 'RecycleDenseInit', 'DenseConvNeXt',
+    'load_dense_convnext', 'recycle_convnext', 'recycle_convnext_model'
 ]

@@ -1,9 +1,10 @@
 """Config-only recycling: a registered weight initializer.
 
 ``init_cfg=dict(type='RecycleDenseInit', checkpoint='vit.pth')`` on a
-``VisionMoE`` backbone upcycles the dense checkpoint when the model's
-weights are initialised (``runner.train()`` or ``model.init_weights()``),
-for users who would rather edit a config than run the tool.
+``VisionMoE`` (or ``ConvNeXtMoE``, with a dense ConvNeXt checkpoint)
+backbone upcycles the dense checkpoint when the model's weights are
+initialised (``runner.train()`` or ``model.init_weights()``), for users who
+would rather edit a config than run the tool.
 """
 from typing import Optional
 
@@ -18,7 +19,8 @@ from .recycle import recycle_backbone
 
 @WEIGHT_INITIALIZERS.register_module()
 class RecycleDenseInit:
-    """Initialise a ``VisionMoE`` backbone from a dense ViT checkpoint.
+    """Initialise a ``VisionMoE`` backbone from a dense ViT checkpoint, or a
+    ``ConvNeXtMoE`` from a dense ConvNeXt one.
 
     Args:
         checkpoint (str): dense timm / big_vision / MMPretrain checkpoint.
@@ -63,6 +65,13 @@ class RecycleDenseInit:
         self.dense_heads = dense_heads
 
     def __call__(self, module: nn.Module) -> None:
+        if hasattr(module, 'moe_blocks'):  # ConvNeXtMoE
+            from .convnext import load_dense_convnext, recycle_convnext
+            dense = load_dense_convnext(self.checkpoint, self.dense_format)
+            state, _ = recycle_convnext(dense, module, self.method,
+                                        noise=self.noise, seed=self.seed)
+            module.load_state_dict(state, strict=True)
+            return
         dense = load_dense_vit(self.checkpoint, self.dense_format)
         state, _ = recycle_backbone(
             dense, module, self.method, noise=self.noise, seed=self.seed,

@@ -1,5 +1,12 @@
 """Recycle a dense ViT checkpoint into an MoE model's initial weights.
 
+The config may be a classifier's (MMPretrain), a detector's (MMDetection)
+or a segmentor's (MMSegmentation): the model is built in the config's
+``default_scope`` and its ``backbone`` (a ``VisionMoE``, ``VisionMoEPyramid``
+or ``ConvNeXtMoE``; for the last a dense timm / MMPretrain ConvNeXt and the
+methods without calibration) is filled; necks and heads keep their own
+initialisation.
+
 Examples:
     python tools/gen_weight/gen_vit_moe_weight.py \\
         configs/vmoe/vmoe-s32-last2_8xb1024_in1k.py --dense vit_s32.pth \\
@@ -7,6 +14,10 @@ Examples:
     python tools/gen_weight/gen_vit_moe_weight.py CONFIG --dense vit.npz \\
         --method importance --calib-data data/imagenet/train \\
         --num-calib-images 512
+
+    python tools/gen_weight/gen_vit_moe_weight.py \\
+        configs/det/mask-rcnn_vmoe-b16-sfp_8xb8-100e_coco.py \\
+        --dense vit_b16.pth --out weights/mask-rcnn_vmoe-b16_upcycled.pth
 
 The output loads strictly into the config's model (`load_from`); a JSON
 report beside it lists the keys copied, sampled and left fresh, the source
@@ -177,17 +188,73 @@ def layout_line(report, trunk, trunk_path):
     return ''
 
 
+def recycle_convnext(args, model):
+    """State, report and summary lines for a ``ConvNeXtMoE`` backbone."""
+    from moe_plugin import recycling
+    if args.method in recycling.CALIBRATED or args.trunk:
+        raise ValueError('a ConvNeXtMoE target takes --method upcycle, '
+                         'random or uniform, without --trunk')
+    dense = recycling.load_dense_convnext(args.dense, args.dense_format)
+    state, report = recycling.recycle_convnext_model(
+        dense, model, fresh_head=args.fresh_head, method=args.method,
+        noise=args.noise, seed=args.seed)
+    source = f'{args.dense} ({dense.fmt}, ConvNeXt)'
+    target = f'MoE blocks per stage {model.backbone.moe_blocks}'
+    return state, report, dense.fmt, source, target
+
+
+def build_model(cfg):
+    """The config's model, built in its registry scope (``mmpretrain``,
+    ``mmdet`` or ``mmseg``)."""
+    from mmengine.registry import MODELS, DefaultScope
+
+    from moe_plugin.models.backbones.common import LOADING_INITS
+    model_cfg = cfg.model.copy()
+    model_cfg.pop('init_cfg', None)
+    # This tool does what a RecycleDenseInit of the backbone would.
+    backbone_init = model_cfg.get('backbone', {}).get('init_cfg')
+    if backbone_init:
+        inits = [
+            c for c in (backbone_init if isinstance(backbone_init, list)
+                        else [backbone_init])
+            if c.get('type') not in LOADING_INITS
+        ]
+        model_cfg.backbone.init_cfg = inits or None
+    with DefaultScope.overwrite_default_scope(
+            cfg.get('default_scope', 'mmpretrain')):
+        return MODELS.build(model_cfg)
+
+
+def command_line(argv) -> str:
+    """The command line of this run, shell-quoted (for the report)."""
+    return ' '.join(
+        shlex.quote(a)
+        for a in [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))
+
+
+def save_with_meta(args, cfg, model, state, report, out):
+    """Save ``state`` with the class names of the config or of the dense
+    checkpoint (when its head is kept); ``(weights, report)`` paths."""
+    from moe_plugin import recycling
+    from moe_plugin.datasets.meta import (checkpoint_classes, config_classes,
+                                          model_num_classes, weights_meta)
+    head_kept = not any(k.startswith('head.') for k in report['fresh'])
+    num_classes = model_num_classes(model)
+    meta = weights_meta(num_classes, config_classes(cfg, num_classes or 0),
+                        checkpoint_classes(args.dense) if head_kept else None)
+    report['classes'] = len(meta.get('dataset_meta', {}).get('classes', ()))
+    return recycling.save_recycled(state, report, out, args.force,
+                                   args.safetensors, meta)
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     import torch
     from mmengine.config import Config
-    from mmpretrain.registry import MODELS
 
     from moe_plugin import recycling
     from moe_plugin.cli import quiet_mmengine
-    from moe_plugin.datasets.meta import (checkpoint_classes, config_classes,
-                                          model_num_classes, weights_meta)
     from moe_plugin.recycling.channels import dense_num_heads
 
     start = time.perf_counter()
@@ -195,19 +262,36 @@ def main(argv=None):
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     out, _ = output_paths(args)
-    model_cfg = cfg.model.copy()
-    model_cfg.pop('init_cfg', None)
     # The fresh parameters (routers, slots, a new head) come from the
     # target's own initialisation: seeded, so that a run is reproducible.
     torch.manual_seed(args.seed)
     with quiet_mmengine():
-        model = MODELS.build(model_cfg)
+        model = build_model(cfg)
         model.init_weights()
     backbone = model.backbone
+    if hasattr(backbone, 'moe_blocks'):
+        state, report, fmt, source, target = recycle_convnext(args, model)
+        model.load_state_dict(state, strict=True)
+        report.update(
+            source=osp.abspath(args.dense),
+            sha256=recycling.sha256(args.dense), format=fmt,
+            config=osp.abspath(args.config), method=args.method,
+            seed=args.seed, noise=args.noise,
+            cfg_options=args.cfg_options or {}, command=command_line(argv),
+            torch=torch.__version__,
+            seconds=dict(total=round(time.perf_counter() - start, 3)))
+        weights, report_path = save_with_meta(args, cfg, model, state,
+                                              report, out)
+        print(f'source:  {source}\ntarget:  {args.config} ({target})\n'
+              f'method:  {args.method}\n'
+              f"keys:    {len(report['copied'])} copied, "
+              f"{len(report['sampled'])} sampled, {len(report['fresh'])} "
+              f'fresh\nweights: {weights}\nreport:  {report_path}')
+        return
     if not hasattr(backbone, 'moe_layers'):
         raise ValueError(f'the model of {args.config} has a '
                          f'{type(backbone).__name__} backbone; the target '
-                         'must be a VisionMoE')
+                         'must be a VisionMoE or ConvNeXtMoE')
     dense = recycling.load_dense_vit(args.dense, args.dense_format)
     trunk = None
     if args.trunk:
@@ -265,21 +349,14 @@ def main(argv=None):
         num_calib_images=count,
         num_calib_images_asked=args.num_calib_images if stats else 0,
         cfg_options=args.cfg_options or {},
-        command=' '.join(shlex.quote(a) for a in [sys.argv[0]] + list(
-            sys.argv[1:] if argv is None else argv)),
+        command=command_line(argv),
         torch=torch.__version__,
         seconds=dict(
             load=round(loaded - start, 3),
             calibration=round(calib_seconds, 3),
             total=round(time.perf_counter() - start, 3)))
-    head_kept = not any(k.startswith('head.') for k in report['fresh'])
-    meta = weights_meta(
-        model_num_classes(model),
-        config_classes(cfg, model_num_classes(model) or 0),
-        checkpoint_classes(args.dense) if head_kept else None)
-    report['classes'] = len(meta.get('dataset_meta', {}).get('classes', ()))
-    weights, report_path = recycling.save_recycled(
-        state, report, out, args.force, args.safetensors, meta)
+    weights, report_path = save_with_meta(args, cfg, model, state, report,
+                                          out)
     print(f'source:  {args.dense} ({dense.fmt}, {dense.num_layers} blocks, '
           f'width {dense.embed_dims})\n'
           f'target:  {args.config} (MoE blocks {list(backbone.moe_layers)})\n'

@@ -11,6 +11,7 @@ from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ..builder import build_moe_layer
+from .common import LOADING_INITS, check_out_indices, init_weights_loading_last
 
 #: MMPretrain activation configs and the MoE layers' ``act`` names for them.
 _ACT_NAMES = {'GELU': 'gelu'}
@@ -161,6 +162,13 @@ class ConvNeXtMoE(ConvNeXt):
                  img_size: Union[int, Sequence[int]] = 224,
                  **kwargs):
         frozen_stages = kwargs.pop('frozen_stages', 0)
+        if 'out_indices' in kwargs:
+            arch = kwargs.get('arch', 'tiny')
+            settings = (self.arch_settings.get(arch) if isinstance(
+                arch, str) else arch)
+            if isinstance(settings, dict) and 'depths' in settings:
+                kwargs['out_indices'] = check_out_indices(
+                    kwargs['out_indices'], len(settings['depths']), 'stages')
         device = torch.get_default_device()
         # MMPretrain's ConvNeXt reads its drop-path rates with .item(),
         # which fails under a meta default device (used to count the
@@ -219,6 +227,15 @@ class ConvNeXtMoE(ConvNeXt):
                 raise ValueError(f'`moe_cfg[{stage}]` must be a dict or None, '
                                  f'got {cfg!r}')
         return list(moe_cfg)
+
+    #: ``init_cfg`` types applied after every other initialisation.
+    LOADING_INITS = LOADING_INITS
+
+    def init_weights(self):
+        """MMPretrain's initialisation, then any ``RecycleDenseInit`` of
+        ``init_cfg`` (a dense ConvNeXt checkpoint, see
+        :mod:`moe_plugin.recycling.convnext`)."""
+        init_weights_loading_last(self, super().init_weights)
 
     def train(self, mode: bool = True) -> 'ConvNeXtMoE':
         """Set the training mode, keeping frozen stages in eval mode.

@@ -14,6 +14,7 @@ from torch import Tensor
 from ...layers.expert_parallel import full_parameter_shapes
 from ...layers.experts import gelu_approximation
 from ..builder import build_moe_layer
+from .common import LOADING_INITS, check_out_indices, init_weights_loading_last
 
 
 def parse_moe_layers(moe_layers: Union[str, Sequence[int], None],
@@ -241,6 +242,9 @@ class VisionMoE(VisionTransformer):
         num_layers = arch_settings['num_layers']
         moe_indices = parse_moe_layers(moe_layers, num_layers)
         approximate = gelu_approximation(act, '`act`')
+        if 'out_indices' in kwargs:
+            kwargs['out_indices'] = check_out_indices(kwargs['out_indices'],
+                                                      num_layers)
         out_type = self.OUT_TYPE_ALIASES.get(out_type, out_type)
         if isinstance(layer_cfgs, dict):
             layer_cfgs = [layer_cfgs] * num_layers
@@ -361,25 +365,12 @@ class VisionMoE(VisionTransformer):
     #: ``init_cfg`` types applied after every other initialisation (they
     #: load weights: children's and the position embedding's own init
     #: would otherwise overwrite them).
-    LOADING_INITS = ('RecycleDenseInit', )
+    LOADING_INITS = LOADING_INITS
 
     def init_weights(self):
         """MMPretrain's initialisation, then any ``RecycleDenseInit`` of
         ``init_cfg`` (see :mod:`moe_plugin.recycling.initializer`)."""
-        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else (
-            [self.init_cfg] if self.init_cfg else [])
-        loading = [c for c in cfgs if c.get('type') in self.LOADING_INITS]
-        if not loading:
-            return super().init_weights()
-        others = [c for c in cfgs if c.get('type') not in self.LOADING_INITS]
-        self.init_cfg = others or None
-        try:
-            super().init_weights()
-        finally:
-            self.init_cfg = cfgs
-        from mmengine.registry import WEIGHT_INITIALIZERS
-        for cfg in loading:
-            WEIGHT_INITIALIZERS.build(cfg)(self)
+        init_weights_loading_last(self, super().init_weights)
 
     def _freeze_stages(self) -> None:
         super()._freeze_stages()

@@ -1,5 +1,4 @@
 """An image classifier that adds the auxiliary losses of its MoE layers."""
-import numbers
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
@@ -10,11 +9,11 @@ from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 from torch import Tensor
 
-from moe_plugin.layers import is_moe_layer
+from ...layers.aux_loss import (DEFAULT_AUX_LOSS_WEIGHTS,
+                                check_aux_loss_weights, find_moe_modules,
+                                moe_losses)
 
-#: The auxiliary losses an MoE layer may report, as ``f'{name}_loss'`` in its
-#: ``moe_metrics``, and V-MoE's weights for them.
-DEFAULT_AUX_LOSS_WEIGHTS = dict(importance=0.005, load=0.005, gshard=0., z=0.)
+__all__ = ['MoEImageClassifier', 'DEFAULT_AUX_LOSS_WEIGHTS']
 
 #: The model-zoo metadata that ``mmpretrain.apis.inference_model`` reads to
 #: choose its inferencer; ``get_model`` has none for a config's model.
@@ -66,21 +65,7 @@ class MoEImageClassifier(ImageClassifier):
                  aux_loss_weights: Optional[Dict[str, float]] = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        if aux_loss_weights is None:
-            aux_loss_weights = DEFAULT_AUX_LOSS_WEIGHTS
-        for key, weight in aux_loss_weights.items():
-            if key not in DEFAULT_AUX_LOSS_WEIGHTS:
-                raise ValueError(
-                    f'Unknown `aux_loss_weights` key {key!r}; valid keys are '
-                    f'{list(DEFAULT_AUX_LOSS_WEIGHTS)}')
-            if (isinstance(weight, bool)
-                    or not isinstance(weight, numbers.Real) or weight < 0):
-                raise ValueError(f'`aux_loss_weights[{key!r}]` must be a '
-                                 f'number >= 0, got {weight!r}')
-        self.aux_loss_weights = {
-            key: float(weight)
-            for key, weight in aux_loss_weights.items()
-        }
+        self.aux_loss_weights = check_aux_loss_weights(aux_loss_weights)
         self._moe_modules: Optional[List[Tuple[str, nn.Module]]] = None
 
     @property
@@ -98,12 +83,7 @@ class MoEImageClassifier(ImageClassifier):
     def moe_modules(self) -> List[Tuple[str, nn.Module]]:
         """``(short name, module)`` of every MoE layer, found once."""
         if self._moe_modules is None:
-            self._moe_modules = [
-                (name[len('backbone.'):]
-                 if name.startswith('backbone.') else name, module)
-                for name, module in self.named_modules()
-                if is_moe_layer(module)
-            ]
+            self._moe_modules = find_moe_modules(self)
         return self._moe_modules
 
     def loss(self, inputs: Tensor,
@@ -130,25 +110,4 @@ class MoEImageClassifier(ImageClassifier):
 
     def _moe_losses(self, device: torch.device) -> Dict[str, Tensor]:
         """Turn the MoE layers' ``moe_metrics`` into losses and statistics."""
-        aux = torch.zeros((), device=device)
-        stats = {}
-        dropped = []
-        for name, module in self.moe_modules:
-            metrics = module.moe_metrics
-            for key, weight in self.aux_loss_weights.items():
-                value = metrics.get(f'{key}_loss')
-                if value is not None and weight != 0:
-                    aux = aux + weight * value
-            if 'dropped_fraction' in metrics:
-                fraction = metrics['dropped_fraction'].detach()
-                dropped.append(fraction)
-                stats[f'moe.{name}.dropped'] = fraction
-            if 'expert_load' in metrics:
-                load = metrics['expert_load'].detach().float()
-                stats[f'moe.{name}.load_cv'] = (
-                    load.std(unbiased=False) / load.mean().clamp_min(1e-12))
-        result = dict(loss_moe_aux=aux)
-        if dropped:
-            result['moe_dropped'] = torch.stack(dropped).mean()
-        result.update(stats)
-        return result
+        return moe_losses(self.moe_modules, self.aux_loss_weights, device)

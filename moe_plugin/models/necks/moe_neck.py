@@ -11,8 +11,9 @@ from torch import Tensor
 
 from ..builder import build_moe_layer
 
-#: Pooling modes of :class:`MoENeck`.
-POOL_TYPES = ('gap', 'token', 'map')
+#: Pooling modes of :class:`MoENeck`; None keeps the map (dense
+#: prediction).
+POOL_TYPES = ('gap', 'token', 'map', None)
 
 
 class MoENeckBlock(BaseModule):
@@ -58,6 +59,11 @@ class MoENeck(BaseModule):
       ``num_extra_tokens >= 1`` and token input).
     - ``'map'``: timm's ``AttentionPoolLatent`` over the tokens after the
       first ``num_extra_tokens`` (as ``VisionMoE(out_type='map')``).
+    - None (dense prediction, an extra MoE stage): no pooling; the last
+      feature map (B, C, H, W) is replaced by the result as a map
+      (B, embed_dims, H, W) and every other level passes through, so a
+      detector's ``FPN`` or a segmentor's head follows (``neck=[MoENeck,
+      FPN]`` builds both in sequence).
 
     No position embedding is added: the backbone's features already encode
     position, and the MoE layers mix no tokens but through their routing.
@@ -76,7 +82,8 @@ class MoENeck(BaseModule):
         num_tokens (int, optional): Tokens per image, for layers whose slot
             count depends on it (Soft MoE's capacity factor). Defaults to
             None.
-        pool (str): ``'gap'``, ``'token'`` or ``'map'``. Defaults to 'gap'.
+        pool (str | None): ``'gap'``, ``'token'``, ``'map'`` or None (keep
+            the maps). Defaults to 'gap'.
         num_extra_tokens (int): Leading tokens of token input (class tokens)
             that ``gap`` and ``map`` leave out. Defaults to 0.
         num_heads (int): Heads of the ``map`` attention pool. Defaults to 4.
@@ -163,7 +170,7 @@ class MoENeck(BaseModule):
                 norm_layer=partial(nn.LayerNorm, eps=norm_eps))
 
     def forward(self, inputs: Union[Tensor, Tuple[Tensor, ...]]
-                ) -> Tuple[Tensor]:
+                ) -> Tuple[Tensor, ...]:
         """Apply the MoE blocks to the last output and pool it.
 
         Args:
@@ -171,9 +178,18 @@ class MoENeck(BaseModule):
                 is a feature map (B, C, H, W) or tokens (B, N, C).
 
         Returns:
-            tuple[Tensor]: The pooled features, of shape (B, embed_dims).
+            tuple[Tensor]: The pooled features, of shape (B, embed_dims);
+            with ``pool=None`` the inputs with the last map replaced by
+            the result, of shape (B, embed_dims, H, W).
         """
-        x = inputs[-1] if isinstance(inputs, (tuple, list)) else inputs
+        levels = tuple(inputs) if isinstance(inputs,
+                                             (tuple, list)) else (inputs, )
+        x = levels[-1]
+        if self.pool is None and x.dim() != 4:
+            raise ValueError(
+                '`pool=None` keeps feature maps and needs a map (B, C, H, '
+                f'W) as the last input, got shape {tuple(x.shape)}')
+        height, width = x.shape[-2:]
         if x.dim() == 4:
             if self.pool == 'token':
                 raise ValueError(
@@ -195,6 +211,9 @@ class MoENeck(BaseModule):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
+        if self.pool is None:
+            out = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+            return levels[:-1] + (out, )
         if self.pool == 'token':
             return (x[:, 0], )
         x = x[:, self.num_extra_tokens:]
