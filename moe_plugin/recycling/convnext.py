@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from .formats import load_torch_checkpoint, unwrap_state_dict
-from .methods import CALIBRATED, METHODS, build_experts, select_indices
-from .recycle import EXPERT_GROUPS
+from .methods import (CALIBRATED, METHODS, RecyclingOptions, build_experts,
+                      select_indices)
+from .recycle import EXPERT_GROUPS, copy_remaining, with_expert_noise
 
 #: timm ``ConvNeXt`` key -> MMPretrain ``ConvNeXt`` key (regex rules; the
 #: first that matches wins). timm's ``head.norm`` is MMPretrain's final
@@ -176,6 +177,7 @@ def recycle_convnext(dense: DenseConvNeXt,
     if not hasattr(backbone, 'moe_blocks'):
         raise ValueError(f'the target must be a ConvNeXtMoE, got '
                          f'{type(backbone).__name__}')
+    options = RecyclingOptions(method=method, seed=seed, noise=noise)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     target = backbone.state_dict()
@@ -206,35 +208,20 @@ def recycle_convnext(dense: DenseConvNeXt,
                     raise ValueError(
                         f'{block}: checkpoint width {fc1_w.shape[1]} vs '
                         f'model {embed_dims}')
-                indices = select_indices(method, fc1_w.shape[0], width,
+                indices = select_indices(options, fc1_w.shape[0], width,
                                          count, rng)
                 tensors = build_experts(fc1_w, fc1_b, fc2_w, fc2_b, indices)
                 for tensor_name, value in zip(('w1', 'b1', 'w2', 'b2'),
                                               tensors):
                     key = f'{block}.moe.{attr}.{tensor_name}'
-                    if noise > 0 and tensor_name in ('w1', 'w2'):
-                        value = value + noise * torch.randn(
-                            value.shape, generator=generator,
-                            dtype=value.dtype)
+                    value = with_expert_noise(tensor_name, value, noise,
+                                              generator)
                     state[key] = value.to(target[key].dtype)
                     report['sampled'].append(key)
                 block_report[name] = indices.tolist()
             report['experts'][block] = block_report
-    for key, value in target.items():
-        if key in state:
-            continue
-        if key in dense.state and not key.startswith(tuple(moe_prefixes)):
-            value_in = dense.state[key]
-            if tuple(value_in.shape) != tuple(value.shape):
-                raise ValueError(f'{key}: checkpoint '
-                                 f'{tuple(value_in.shape)} vs model '
-                                 f'{tuple(value.shape)}')
-            state[key] = value_in.to(value.dtype)
-            report['copied'].append(key)
-            used.add(key)
-        else:
-            state[key] = value.clone()
-            report['fresh'].append(key)
+    copy_remaining(target, dense.state, state, used, report,
+                   skip=tuple(moe_prefixes))
     trunk_fresh = [
         k for k in report['fresh']
         if k.startswith(('stages.', 'downsample_layers.'))

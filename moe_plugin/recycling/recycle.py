@@ -15,7 +15,7 @@ channels of the wide model.
 """
 import json
 import os.path as osp
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -132,29 +132,57 @@ def _recycle_experts(layer: nn.Module, block: int, dense: DenseViT,
                                 channels)
         for tensor_name, value in zip(('w1', 'b1', 'w2', 'b2'), tensors):
             key = f'layers.{block}.ffn.{attr}.{tensor_name}'
-            if options.noise > 0 and tensor_name in ('w1', 'w2'):
-                value = value + options.noise * torch.randn(
-                    value.shape, generator=generator, dtype=value.dtype)
+            value = with_expert_noise(tensor_name, value, options.noise,
+                                      generator)
             state[key] = value.to(target[key].dtype)
         neurons[name] = indices.tolist()
     return state, neurons, channels_of
 
 
-def _copy_dense_tensors(backbone: nn.Module, target: Dict[str, Tensor],
-                        source: DenseViT, state: dict, used: set,
-                        report: dict) -> None:
-    """Every target tensor not built yet: copied from ``source`` (the
-    position embedding resized to the target's grid), or left fresh."""
-    moe_blocks = tuple(getattr(backbone, 'moe_layers', ()))
-    num_extra = getattr(backbone, 'num_extra_tokens', 1)
+def with_expert_noise(tensor_name: str, value: Tensor, noise: float,
+                      generator: torch.Generator) -> Tensor:
+    """``value`` plus Gaussian noise of std ``noise`` when it is an expert
+    kernel (``w1`` / ``w2``; biases stay exact)."""
+    if noise > 0 and tensor_name in ('w1', 'w2'):
+        value = value + noise * torch.randn(
+            value.shape, generator=generator, dtype=value.dtype)
+    return value
+
+
+def copy_remaining(target: Dict[str, Tensor],
+                   source: Dict[str, Tensor],
+                   state: dict,
+                   used: set,
+                   report: dict,
+                   skip: Tuple[str, ...] = (),
+                   adapt: Optional[Callable[[str, Tensor, Tensor],
+                                            Tensor]] = None) -> None:
+    """Every ``target`` tensor not in ``state`` yet: copied from ``source``
+    when it has the key and the key starts with none of ``skip``, else left
+    fresh (the target's own value).
+
+    Args:
+        target (dict[str, Tensor]): the target model's state dict.
+        source (dict[str, Tensor]): the dense checkpoint's tensors.
+        state (dict): the state being built; filled in place.
+        used (set): source keys consumed; updated in place.
+        report (dict): its ``copied`` and ``fresh`` lists are appended to.
+        skip (tuple[str, ...]): key prefixes never copied (the MoE blocks'
+            dense MLPs, which the experts replace).
+        adapt (callable, optional): ``adapt(key, source_value,
+            target_value)`` returns the source value reshaped to fit (e.g.
+            a resized position embedding).
+
+    Raises:
+        ValueError: a copied tensor's shape differs from the target's.
+    """
     for key, value in target.items():
         if key in state:
             continue
-        if key in source.state and not any(
-                key.startswith(f'layers.{i}.ffn.') for i in moe_blocks):
-            value_in = source.state[key]
-            if key == 'pos_embed' and value_in.shape != value.shape:
-                value_in = _resize_pos_embed(value_in, value, num_extra)
+        if key in source and not key.startswith(skip):
+            value_in = source[key]
+            if adapt is not None:
+                value_in = adapt(key, value_in, value)
             if tuple(value_in.shape) != tuple(value.shape):
                 raise ValueError(f'{key}: checkpoint '
                                  f'{tuple(value_in.shape)} vs model '
@@ -165,6 +193,24 @@ def _copy_dense_tensors(backbone: nn.Module, target: Dict[str, Tensor],
         else:
             state[key] = value.clone()
             report['fresh'].append(key)
+
+
+def _copy_dense_tensors(backbone: nn.Module, target: Dict[str, Tensor],
+                        source: DenseViT, state: dict, used: set,
+                        report: dict) -> None:
+    """Every target tensor not built yet: copied from ``source`` (the
+    position embedding resized to the target's grid), or left fresh."""
+    moe_blocks = tuple(getattr(backbone, 'moe_layers', ()))
+    num_extra = getattr(backbone, 'num_extra_tokens', 1)
+
+    def resize_pos_embed(key, value_in, value):
+        if key == 'pos_embed' and value_in.shape != value.shape:
+            return _resize_pos_embed(value_in, value, num_extra)
+        return value_in
+
+    copy_remaining(target, source.state, state, used, report,
+                   skip=tuple(f'layers.{i}.ffn.' for i in moe_blocks),
+                   adapt=resize_pos_embed)
 
 
 def recycle_backbone(dense: DenseViT,
