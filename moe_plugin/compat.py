@@ -99,6 +99,9 @@ def allow_run_checkpoints(runner, method: str = 'resume'):
     The bound method is replaced on this runner instance only, so
     ``Runner.load_or_resume`` (which calls ``self.resume`` or
     ``self.load_checkpoint``) loads inside the scope and nothing else does.
+    A local file that is not a checkpoint (text, random bytes, a pickle of
+    other objects) fails with one clear error naming it
+    (:func:`moe_plugin.fileio.checkpoint_error`).
 
     Args:
         runner (mmengine.runner.Runner): The runner to patch.
@@ -115,8 +118,17 @@ def allow_run_checkpoints(runner, method: str = 'resume'):
 
     @functools.wraps(original)
     def scoped(*args, **kwargs):
-        with run_checkpoint_scope():
-            return original(*args, **kwargs)
+        from .fileio import checkpoint_error
+        filename = args[0] if args else kwargs.get('filename')
+        try:
+            with run_checkpoint_scope():
+                return original(*args, **kwargs)
+        except Exception as error:
+            clear = (checkpoint_error(filename, error)
+                     if isinstance(filename, str) else None)
+            if clear is None:
+                raise
+            raise clear from error
 
     setattr(runner, method, scoped)
     return runner

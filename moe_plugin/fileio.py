@@ -133,18 +133,35 @@ def load_torch_file(path: str, what: str = 'checkpoint'):
             with run_checkpoint_scope():
                 return torch.load(
                     path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
-        if zipfile.is_zipfile(path):
-            raise ValueError(
-                f'{what} {path} holds objects that torch.load(weights_only='
-                f'True) does not read: {_weights_only_reason(error)}'
-            ) from error
-        raise ValueError(
-            f'{what} {path} is not a PyTorch checkpoint (corrupt or '
-            f'truncated, or another format)') from error
     except OSError:
         raise
     except Exception as error:  # torch's unpickler fails in many ways
-        raise ValueError(f'{what} {path} is not a PyTorch checkpoint '
-                         f'(corrupt or truncated, or another format: '
-                         f'{type(error).__name__})') from error
+        raise (checkpoint_error(path, error, what)
+               or ValueError(f'{what} {path} is not a PyTorch checkpoint '
+                             f'(corrupt or truncated, or another format: '
+                             f'{type(error).__name__})')) from error
+
+
+def checkpoint_error(path: str,
+                     error: Exception,
+                     what: str = 'checkpoint') -> Optional[ValueError]:
+    """One clear error for ``torch.load`` failing on the file ``path``, or
+    None when the failure is not the file's (then re-raise ``error``).
+
+    A file that is not a zip archive (PyTorch's format since 1.6) is "not
+    a PyTorch checkpoint" (a text file, random bytes, a truncated file);
+    a zip archive that the weights-only unpickler refuses holds objects
+    other than tensors and containers, named from torch's message.
+    """
+    import pickle
+    import zipfile
+    if isinstance(error, OSError) or not osp.isfile(path):
+        return None
+    if not zipfile.is_zipfile(path):
+        return ValueError(f'{what} {path} is not a PyTorch checkpoint '
+                          f'(corrupt or truncated, or another format)')
+    if isinstance(error, pickle.UnpicklingError):
+        return ValueError(
+            f'{what} {path} holds objects that torch.load(weights_only='
+            f'True) does not read: {_weights_only_reason(error)}')
+    return None

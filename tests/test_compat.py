@@ -102,6 +102,46 @@ def test_allow_run_checkpoints_patches_one_instance():
         allow_run_checkpoints(other, 'train')
 
 
+@pytest.mark.parametrize('method', ['resume', 'load_checkpoint'])
+@pytest.mark.parametrize('content, match', [
+    (b'hello, a text file\n', 'is not a PyTorch checkpoint'),
+    (bytes(range(256)) * 8, 'is not a PyTorch checkpoint'),
+])
+def test_runner_names_a_file_that_is_not_a_checkpoint(tmp_path, method,
+                                                      content, match):
+    path = tmp_path / 'bad.pth'
+    path.write_bytes(content)
+
+    class FakeRunner:
+        # MMEngine's Runner.resume / load_checkpoint take the filename first.
+        def resume(self, filename):
+            return torch.load(filename, weights_only=True)
+
+        load_checkpoint = resume
+
+    runner = allow_run_checkpoints(FakeRunner(), method)
+    with pytest.raises(ValueError, match=f'{path} {match}'):
+        getattr(runner, method)(str(path))
+
+
+@pytest.mark.parametrize('method', ['resume', 'load_checkpoint'])
+def test_runner_errors_not_about_the_file_pass_through(tmp_path, method):
+    path = tmp_path / 'good.pth'
+    torch.save(dict(weight=torch.ones(2)), path)
+
+    class FakeRunner:
+
+        def resume(self, filename):
+            torch.load(filename, weights_only=True)
+            raise RuntimeError('size mismatch for weight')
+
+        load_checkpoint = resume
+
+    runner = allow_run_checkpoints(FakeRunner(), method)
+    with pytest.raises(RuntimeError, match='size mismatch'):
+        getattr(runner, method)(str(path))
+
+
 def test_setup_cpu_distributed_does_nothing_without_launcher():
     cfg = Config(dict(launcher='none'))
     assert setup_cpu_distributed(cfg) is False
