@@ -178,7 +178,7 @@ def main(argv=None):
             raise FileNotFoundError(f'{what} {path} does not exist')
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
-    runner = runner_setup.build_runner(cfg, 'load_checkpoint')
+    runner = runner_setup.build_runner(cfg)
     apply_eval_routing(runner, args)
 
     if args.out and args.out_item in ('pred', None):

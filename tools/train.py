@@ -154,7 +154,7 @@ def main(argv=None):
         raise FileNotFoundError(f'config {args.config} does not exist')
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
-    runner = runner_setup.build_runner(cfg, 'resume')
+    runner = runner_setup.build_runner(cfg)
     runner.train()
     report(runner)
     teardown_distributed()

@@ -14,7 +14,7 @@ what this plugin adds on top lives here once:
   (:class:`~moe_plugin.engine.hooks.PortableCheckpointHook`);
 - :func:`build_runner`: expert parallelism's wrapper and hook, gloo on a
   CPU-only machine, then the runner, whose checkpoint loading (``resume``
-  or ``load_checkpoint``) also reads checkpoints written before the
+  and ``load_checkpoint``) also reads checkpoints written before the
   portable format (scoped allow-list of :mod:`moe_plugin.compat`).
 """
 import os.path as osp
@@ -122,20 +122,20 @@ def ensure_portable_checkpoints(cfg: Config) -> bool:
     return True
 
 
-def build_runner(cfg: Config, load: str = 'resume'):
+def build_runner(cfg: Config):
     """Build the runner of ``cfg`` the way both tools do.
 
     Expert parallelism gets its wrapper and hook
     (:func:`~moe_plugin.engine.configure_expert_parallel`), a distributed
     run on a CPU-only machine its gloo group, ``AmpOptimWrapper`` a CPU
     fallback and dataloaders without workers no persistent workers; the
-    runner's ``load`` method (``'resume'`` or ``'load_checkpoint'``) also
-    reads run checkpoints written before the portable format.
+    runner's ``resume`` and ``load_checkpoint`` (``--resume``, ``load_from``,
+    ``tools/test.py``'s checkpoint) also read run checkpoints written before
+    the portable format, and name a file that is no checkpoint in one clear
+    error.
 
     Args:
         cfg (Config): the merged run config.
-        load (str): ``'resume'`` (training) or ``'load_checkpoint'``
-            (testing). Defaults to 'resume'.
 
     Returns:
         mmengine.runner.Runner: the runner.
@@ -156,4 +156,6 @@ def build_runner(cfg: Config, load: str = 'resume'):
         runner = Runner.from_cfg(cfg)
     else:
         runner = RUNNERS.build(cfg)
-    return allow_run_checkpoints(runner, load)
+    for method in ('resume', 'load_checkpoint'):
+        allow_run_checkpoints(runner, method)
+    return runner
