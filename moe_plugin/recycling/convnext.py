@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from .formats import load_torch_checkpoint, unwrap_state_dict
 from .methods import (CALIBRATED, METHODS, RecyclingOptions, build_experts,
                       select_indices)
-from .recycle import EXPERT_GROUPS, copy_remaining, with_expert_noise
+from .recycle import (EXPERT_GROUPS, copy_remaining, expert_group_shape,
+                      with_expert_noise)
 
 #: timm ``ConvNeXt`` key -> MMPretrain ``ConvNeXt`` key (regex rules; the
 #: first that matches wins). timm's ``head.norm`` is MMPretrain's final
@@ -203,7 +204,7 @@ def recycle_convnext(dense: DenseConvNeXt,
                 experts = getattr(layer, attr, None)
                 if experts is None:
                     continue
-                count, embed_dims, width = experts.w1.shape
+                count, embed_dims, width = expert_group_shape(experts)
                 if embed_dims != fc1_w.shape[1]:
                     raise ValueError(
                         f'{block}: checkpoint width {fc1_w.shape[1]} vs '

@@ -120,7 +120,7 @@ def _recycle_experts(layer: nn.Module, block: int, dense: DenseViT,
         experts = getattr(layer, attr, None)
         if experts is None:
             continue
-        count, embed_dims, width = experts.w1.shape
+        count, embed_dims, width = expert_group_shape(experts)
         indices = select_indices(options, fc1_w.shape[0], width, count, rng,
                                  None if stats is None else stats.get(block))
         channels = None
@@ -137,6 +137,15 @@ def _recycle_experts(layer: nn.Module, block: int, dense: DenseViT,
             state[key] = value.to(target[key].dtype)
         neurons[name] = indices.tolist()
     return state, neurons, channels_of
+
+
+def expert_group_shape(experts: nn.Module) -> Tuple[int, int, int]:
+    """``(E, D, W)`` of a batched-experts module: all ``E`` experts, also
+    when expert parallelism keeps ``E/P`` of them on this rank (recycled
+    weights are full; loading slices them)."""
+    count, embed_dims, width = experts.w1.shape
+    shard = getattr(experts, 'expert_shard', None)
+    return (count if shard is None else shard.num_experts, embed_dims, width)
 
 
 def with_expert_noise(tensor_name: str, value: Tensor, noise: float,

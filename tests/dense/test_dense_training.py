@@ -115,3 +115,41 @@ def test_weight_tool_on_a_detection_config(dense_vit_checkpoint, tmp_path):
     fc1 = dense['backbone.layers.1.ffn.layers.0.0.weight']
     for expert in w1:
         torch.testing.assert_close(expert, fc1.t())
+
+
+def test_detector_trains_alike_with_expert_parallelism(
+        canvas_root, dense_vit_checkpoint, tmp_path):
+    """Mask R-CNN with the MoE backbone on 2 processes (tools/dist_train.sh,
+    gloo): expert parallelism (each rank holds 2 of the 4 experts) ends
+    with the weights of plain DDP, and its checkpoint holds every expert.
+    SGD rather than the config's AdamW: Adam's first steps turn round-off
+    in near-zero gradients into whole lr-sized updates."""
+    import sys
+
+    from ..test_tools import (assert_nested_close, free_port,
+                              load_run_checkpoint, run_tool)
+    cfg = tiny_config(DET, canvas_root, dense_vit_checkpoint, tmp_path)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1,
+                                        by_epoch=False)
+    cfg.optim_wrapper.optimizer = dict(type='SGD', lr=0.01)
+    config = tmp_path / 'det.py'
+    cfg.dump(str(config))
+    states = {}
+    for name, options in (('ddp', []), ('ep', [
+            '--cfg-options', 'model.backbone.moe_cfg.expert_parallel=True'
+    ])):
+        work_dir = tmp_path / name
+        log = run_tool([
+            osp.join(REPO_ROOT, 'tools', 'dist_train.sh'),
+            str(config), '2', '--work-dir',
+            str(work_dir), *options
+        ], env=dict(PYTHON=sys.executable, PORT=str(free_port())))
+        assert 'Distributed training: True' in log
+        states[name] = load_run_checkpoint(work_dir /
+                                           'iter_2.pth')['state_dict']
+    moved = load_run_checkpoint(work_dir / 'iter_1.pth')['state_dict']
+    w1 = 'backbone.layers.1.ffn.experts.w1'
+    assert states['ep'][w1].shape[0] == 4
+    assert set(states['ep']) == set(states['ddp'])
+    assert_nested_close(states['ep'], states['ddp'], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(moved[w1], states['ep'][w1])

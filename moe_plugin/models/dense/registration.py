@@ -7,8 +7,11 @@ also happens in that scope. So each class is registered there as a
 subclass of the same name whose construction runs in the ``mmpretrain``
 scope; parameters and ``isinstance`` are the class's own. Our hooks
 (``MoEAuxLossHook``, ``ExpertParallelHook``, ``MoERoutingLoggerHook``,
-``RandomStateHook``) go into their ``HOOKS`` as they are. Registration
-happens only for the packages that import.
+``RandomStateHook``, ``PortableCheckpointHook``, which ``tools/train.py``
+adds to every run), the expert-parallel wrapper
+(``MoEDistributedDataParallel``) and ``OptionalTensorboardVisBackend`` go
+into their ``HOOKS``, ``MODEL_WRAPPERS`` and ``VISBACKENDS`` as they are.
+Registration happens only for the packages that import.
 """
 import importlib
 import importlib.util
@@ -64,11 +67,19 @@ def in_pretrain_scope(cls: type) -> type:
 
 def _hook_classes() -> list:
     from ...engine.hooks import (ExpertParallelHook, MoEAuxLossHook,
-                                 MoERoutingLoggerHook, RandomStateHook)
+                                 MoERoutingLoggerHook, PortableCheckpointHook,
+                                 RandomStateHook)
     return [
         MoEAuxLossHook, ExpertParallelHook, MoERoutingLoggerHook,
-        RandomStateHook
+        RandomStateHook, PortableCheckpointHook
     ]
+
+
+def _engine_classes() -> tuple:
+    """The model wrappers and the visualisation backends."""
+    from ...engine.model_wrapper import MoEDistributedDataParallel
+    from ...engine.vis_backends import OptionalTensorboardVisBackend
+    return [MoEDistributedDataParallel], [OptionalTensorboardVisBackend]
 
 
 def _import_registry(scope: str):
@@ -104,8 +115,11 @@ def register_dense_models(scope: Optional[str] = None) -> Dict[str, list]:
         if registries is None:
             continue
         names = []
+        wrappers, vis_backends = _engine_classes()
         pairs = ((registries.MODELS, _model_classes(), in_pretrain_scope),
-                 (registries.HOOKS, _hook_classes(), None))
+                 (registries.HOOKS, _hook_classes(), None),
+                 (registries.MODEL_WRAPPERS, wrappers, None),
+                 (registries.VISBACKENDS, vis_backends, None))
         for registry, classes, wrap in pairs:
             for cls in classes:
                 current = registry.module_dict.get(cls.__name__)
