@@ -6,7 +6,8 @@
 # (lr 1e-4, weight decay 0.1), drop path 0.1, 100 epochs at batch 64.
 # Global attention in every block (no windows, no relative positions) and
 # MMDetection's standard Mask R-CNN heads, so that the dense checkpoint's
-# blocks load unchanged.
+# blocks load unchanged. ViTDet's layer-wise lr decay (0.7) is not applied:
+# MMDetection 3.3 has no layer-decay constructor for a ViT backbone.
 #
 #   tools/dist_train.sh configs/det/mask-rcnn_vmoe-b16-sfp_8xb8-100e_coco.py 8
 #   (dense checkpoint: --cfg-options model.backbone.init_cfg.checkpoint=X)
