@@ -33,6 +33,8 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 import models as model_bench  # noqa: E402
 from report import report  # noqa: E402
 
+from moe_plugin.malloc import keep_freed_memory  # noqa: E402
+
 #: MoE Jetpack's ViT-T dual-path arguments (its scratch config).
 MOEJET_KWARGS = dict(
     patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=1000,
@@ -151,6 +153,8 @@ def main():
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--json', help='write the row to this JSON file')
     args = parser.parse_args()
+    # Large blocks from the heap, reused step to step (moe_plugin/malloc.py).
+    keep_freed_memory()
     if args.repeats < 5:
         parser.error('--repeats must be >= 5')
     row = run(args.moejet_src, args.batch, args.threads, args.repeats,

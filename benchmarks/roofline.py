@@ -37,6 +37,8 @@ import models as model_bench  # noqa: E402
 import moe_layer as layer_bench  # noqa: E402
 from report import report  # noqa: E402
 
+from moe_plugin.malloc import keep_freed_memory  # noqa: E402
+
 
 def _median_seconds(fn, repeats, device):
     fn()
@@ -113,6 +115,8 @@ def main():
                         choices=sorted(model_bench.OPTIMIZERS))
     parser.add_argument('--json', help='write roofs and rows to this file')
     args = parser.parse_args()
+    # Large blocks from the heap, reused step to step (moe_plugin/malloc.py).
+    heap_kept = keep_freed_memory()
     if args.repeats < 5:
         parser.error('--repeats must be >= 5')
     if not (args.sparse or args.soft or args.models):
@@ -147,7 +151,8 @@ def main():
         roofs,
         device=(torch.cuda.get_device_name(device) if device.type == 'cuda'
                 else platform.processor() or platform.machine()),
-        threads=args.threads, torch=torch.__version__, amp=args.amp)
+        threads=args.threads, torch=torch.__version__, amp=args.amp,
+        keep_freed_memory=heap_kept)
     print(f"torch {torch.__version__}, {args.threads} threads, "
           f"{machine['device']}: matmul {roofs['gflops']} GFLOP/s "
           f"({roofs['gemm']}), copy {roofs['gbps']} GB/s")

@@ -33,6 +33,7 @@ if REPO_ROOT not in sys.path:
 
 from moe_plugin.cli import HelpFormatter, add_debug_arg, run_main  # noqa: E402
 from moe_plugin.engine import runner_setup  # noqa: E402
+from moe_plugin.malloc import keep_freed_memory  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -148,6 +149,9 @@ def report(runner):
 
 def main(argv=None):
     args = parse_args(argv)
+    # A CPU step's large tensors come from the heap and are reused step to
+    # step instead of being mapped afresh (moe_plugin/malloc.py).
+    keep_freed_memory()
     from moe_plugin.compat import teardown_distributed
 
     if not osp.isfile(args.config):

@@ -14,6 +14,26 @@ import torch
 from torch import Tensor
 
 
+def weighted_choice_sum(values: Tensor, weights: Tensor) -> Tensor:
+    """``sum_k values[:, k] * weights[:, k]``, one choice at a time.
+
+    Equal, bit for bit, to ``(values * weights.unsqueeze(-1)).sum(1)`` for
+    ``K <= 2`` (a product, then one addition): without its ``[N, K, D]``
+    temporary and the reduction's zero fill, one pass less over the tokens.
+
+    Args:
+        values (Tensor): ``[N, K, D]``.
+        weights (Tensor): ``[N, K]``, in ``values``' dtype.
+
+    Returns:
+        Tensor: ``[N, D]``.
+    """
+    out = values[:, 0] * weights[:, :1]
+    for choice in range(1, values.shape[1]):
+        out += values[:, choice] * weights[:, choice:choice + 1]
+    return out
+
+
 class _DispatchTokens(torch.autograd.Function):
     """``buffer = pad(x)[slot_token]`` whose backward is a gather, not a
     scatter-add: token ``n``'s gradient is the sum of its kept slots'.
@@ -32,9 +52,9 @@ class _DispatchTokens(torch.autograd.Function):
         slot_index, kept = ctx.saved_tensors
         num_tokens, top_k = slot_index.shape
         grad = grad_buffer.index_select(0, slot_index.reshape(-1))
-        grad = grad.view(num_tokens, top_k, -1) * kept.unsqueeze(-1).to(
-            grad.dtype)
-        return grad.sum(1), None, None, None
+        grad = weighted_choice_sum(
+            grad.view(num_tokens, top_k, -1), kept.to(grad.dtype))
+        return grad, None, None, None
 
 
 class _CombineSlots(torch.autograd.Function):
@@ -49,7 +69,7 @@ class _CombineSlots(torch.autograd.Function):
         gathered = out.index_select(0, slot_index.reshape(-1)).view(
             num_tokens, top_k, -1)
         ctx.save_for_backward(gathered, weights, slot_token, slot_pair)
-        return (gathered * weights.unsqueeze(-1).to(out.dtype)).sum(1)
+        return weighted_choice_sum(gathered, weights.to(out.dtype))
 
     @staticmethod
     def backward(ctx, grad_y):
