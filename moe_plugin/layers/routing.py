@@ -444,6 +444,15 @@ class RouterLinear(nn.Module):
                 f'noise_std={self.noise_std}, jitter={self.jitter}')
 
 
+def _zero_bias_if_missing(module: nn.Module, state_dict: dict, prefix: str,
+                          *args) -> None:
+    """Load pre-hook: a checkpoint made without balancing (V-MoE's, a
+    recycled one) starts the bias at its initial value, zero; a resumed run
+    finds its own."""
+    state_dict.setdefault(prefix + 'expert_bias',
+                          torch.zeros_like(module.expert_bias))
+
+
 class NoisyTopExpertsPerItem(RouterLinear):
     """Token-choice router: each token picks its top-K experts.
 
@@ -454,7 +463,10 @@ class NoisyTopExpertsPerItem(RouterLinear):
     the load being every (token, choice) pair's expert (dropped pairs too)
     summed over the batch and, under ``torch.distributed``, over all ranks
     (one ``all_reduce`` of ``E`` numbers): the bias is the same on every
-    rank. The buffer is in the state dict, so a checkpoint resumes it.
+    rank. The buffer is in the state dict, so a checkpoint resumes it; a
+    checkpoint without it (made without balancing) loads with a zero bias.
+    Activation checkpointing would re-run the update in its recomputation:
+    do not combine the two.
 
     Args:
         embed_dims (int): ``D``.
@@ -482,6 +494,7 @@ class NoisyTopExpertsPerItem(RouterLinear):
         self.bias_update_rate = float(bias_update_rate)
         if self.bias_balancing:
             self.register_buffer('expert_bias', torch.zeros(num_experts))
+            self.register_load_state_dict_pre_hook(_zero_bias_if_missing)
 
     @property
     def selection_bias(self) -> Optional[Tensor]:
