@@ -291,7 +291,8 @@ def test_cosine_gate_logits_against_the_formula():
         'projector.weight', 'projector.bias', 'expert_embeddings',
         'logit_scale'}
     assert router.projector.out_features == 8
-    torch.testing.assert_close(float(router.logit_scale.detach().exp()), 1 / 0.07)
+    torch.testing.assert_close(float(router.logit_scale.detach().exp()),
+                               1 / 0.07)
     x = torch.randn(3, TOKENS, DIM, dtype=torch.float64)
     torch.testing.assert_close(router.logits(x),
                                reference_cosine_logits(router, x))
@@ -367,12 +368,18 @@ def test_recorder_and_eval_routing_keep_working(kwargs):
     layer = make_layer(capacity_factor=0.5, **kwargs)
     x = skewed_tokens(layer, images=2)
     if kwargs.get('bias_balancing'):
-        layer.train()(x)  # a nonzero bias
+        layer.train()(x)  # the bias moves in training only
+        assert layer.router.expert_bias.abs().sum() > 0
+        # A bias that changes the choices, so that it must be recorded.
+        layer.router.expert_bias.copy_(torch.tensor([-0.5, 0.2, 0.0, 0.4]))
     layer.eval()
     assert set_eval_routing(layer, top_k=1, capacity_factor=0.5) == 1
     with RoutingRecorder(layer, {'moe': layer}) as recorder:
         layer(x)
     record = recorder.last['moe']
+    dispatcher = layer.router(x, **layer.router_arguments(TOKENS))[0]
+    torch.testing.assert_close(record.weights.sum(-1).reshape(-1),
+                               dispatcher.combine_weights.sum(-1))
     dropped = layer.moe_metrics['dropped_fraction']
     torch.testing.assert_close(
         torch.tensor(1 - record.processed / record.pairs,
