@@ -133,11 +133,11 @@ class Dropless(NamedTuple):
     is dropped.
 
     Reading the load costs one device-to-host synchronisation per layer and
-    forward (``int(...)`` of a tensor), and the shapes that follow depend on
-    the data: ``torch.compile(fullgraph=True)`` cannot trace it (a graph
-    break without ``fullgraph``). Under expert parallelism every rank of the
-    EP group must send the same buffer shape: the load is max-all-reduced
-    over ``group`` first.
+    forward (``.item()``), and the shapes that follow depend on the data:
+    ``torch.compile`` breaks the graph there, and with ``fullgraph=True``
+    torch 2.14 traces the capacity as an unbacked integer (the sync stays).
+    Under expert parallelism every rank of the EP group must send the same
+    buffer shape: the load is max-all-reduced over ``group`` first.
 
     Attributes:
         multiple_of (int): round ``B`` up to a multiple of this; 0 or 1 do

@@ -80,9 +80,10 @@ class SparseMoE(MoELayer):
             ``capacity_multiple_of`` (Tutel's ``capacity_factor=0``,
             MegaBlocks' dMoE), in training and evaluation. It costs one
             device-to-host synchronisation per layer and forward, gives
-            data-dependent shapes (no ``torch.compile(fullgraph=True)``)
-            and, under expert parallelism, a max all-reduce over the EP
-            group so that its ranks agree on the capacity. See
+            data-dependent shapes (``torch.compile`` breaks the graph there,
+            or with ``fullgraph=True`` traces an unbacked capacity) and,
+            under expert parallelism, a max all-reduce over the EP group
+            so that its ranks agree on the capacity. See
             :class:`~moe_plugin.layers.routing.Dropless`. Defaults to False.
         bias_balancing (bool): token choice only: auxiliary-loss-free load
             balancing (arXiv 2408.15664), a per-expert selection bias
