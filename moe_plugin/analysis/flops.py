@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from moe_plugin.layers import SparseMoE
+from moe_plugin.layers.routing import dispatcher_capacity
 
 from .recording import find_moe_layers
 
@@ -167,7 +168,7 @@ def _router_probe(seen: dict, name: str, layer: SparseMoE):
         seen.setdefault(name, {}).update(
             groups=groups.shape[0],
             group_tokens=groups.shape[1],
-            capacity=arguments['capacity'],
+            capacity=dispatcher_capacity(output[0], groups.shape[0]),
             top_k=arguments.get('top_k'))
 
     return hook

@@ -9,9 +9,11 @@ their routers, the dispatchers the routers return and the layers'
   hook sees the grouped tokens and the dispatcher it returned; the layer
   says which arguments it routed them with (``K``, capacity, BPR,
   renormalise: :meth:`~moe_plugin.layers.SparseMoE.router_arguments`). The
-  assignment is recomputed from the router's clean gates with
+  assignment is recomputed from the router's clean gates (and its selection
+  bias, with auxiliary-loss-free balancing) with
   :func:`~moe_plugin.layers.assign_top_k` (so that the expert a *dropped*
-  choice wanted is known) and checked against the dispatcher's ``kept``.
+  choice wanted is known) and checked against the dispatcher's ``kept``;
+  the capacity is the dispatcher's (a dropless layer's varies by batch).
 - :class:`~moe_plugin.layers.SparseMoE` (expert choice): the dispatcher's
   ``slot_token`` and ``slot_weights`` say which expert took which token.
 - :class:`~moe_plugin.layers.SoftMoE`, :class:`~moe_plugin.layers.SpheroMoE`:
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_plugin.layers import MoELayer, SparseMoE, assign_top_k
+from moe_plugin.layers.routing import dispatcher_capacity
 
 #: The MoE layers whose routing can be recorded: those of
 #: :mod:`moe_plugin.layers` (SparseMoE by its router, the soft layers by
@@ -270,10 +273,14 @@ class RoutingRecorder:
         gates = sparse_gates(layer, groups)
         num_experts = gates.shape[-1]
         if 'top_k' in arguments:
-            assignment = assign_top_k(gates, arguments['top_k'],
-                                      arguments['capacity'],
-                                      arguments['batch_priority'],
-                                      arguments['renormalize'])
+            # A dropless layer's capacity is the one its dispatcher has (no
+            # second collective under expert parallelism); a balancing
+            # router's bias chooses the experts as in its forward.
+            assignment = assign_top_k(
+                gates, arguments['top_k'],
+                dispatcher_capacity(dispatcher, groups.shape[0]),
+                arguments['batch_priority'], arguments['renormalize'],
+                selection_bias=getattr(layer.router, 'selection_bias', None))
             top_k = assignment.expert_index.shape[-1]
             index = assignment.expert_index.reshape(-1, top_k)
             kept = assignment.kept.reshape(-1, top_k)

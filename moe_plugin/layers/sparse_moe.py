@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from .base import MoELayer
 from .dispatch import IndexDispatcher
 from .experts import BatchedExperts
-from .routing import (NoisyTopExpertsPerItem, NoisyTopItemsPerExpert,
+from .routing import (Dropless, NoisyTopExpertsPerItem, NoisyTopItemsPerExpert,
                       compute_capacity)
 
 ROUTERS = ('token_choice', 'expert_choice')
@@ -75,6 +75,30 @@ class SparseMoE(MoELayer):
             every expert on every rank. Ignored without an initialised
             process group. See :mod:`moe_plugin.layers.expert_parallel`.
             Defaults to False.
+        dropless (bool): token choice only: drop nothing; the capacity is
+            the largest expert load of the batch's groups, rounded up to
+            ``capacity_multiple_of`` (Tutel's ``capacity_factor=0``,
+            MegaBlocks' dMoE), in training and evaluation. It costs one
+            device-to-host synchronisation per layer and forward, gives
+            data-dependent shapes (``torch.compile`` breaks the graph there,
+            or with ``fullgraph=True`` traces an unbacked capacity) and,
+            under expert parallelism, a max all-reduce over the EP group
+            so that its ranks agree on the capacity. See
+            :class:`~moe_plugin.layers.routing.Dropless`. Defaults to False.
+        bias_balancing (bool): token choice only: auxiliary-loss-free load
+            balancing (arXiv 2408.15664), a per-expert selection bias
+            updated by every training forward; the auxiliary losses can
+            then be weighted 0. See
+            :class:`~moe_plugin.layers.NoisyTopExpertsPerItem`. Defaults to
+            False.
+        bias_update_rate (float): the bias's step ``u``. Defaults to 1e-3.
+        gate (str): 'linear' (V-MoE) or 'cosine' (Swin-MoE's cosine
+            router). Defaults to 'linear'.
+        gate_dim (int): the cosine gate's projection width. Defaults to 256.
+        init_temperature (float): the cosine gate's initial temperature.
+            Defaults to 0.07.
+        jitter (float): Switch's multiplicative jitter ``eps`` on the
+            router's input in training. Defaults to 0 (off).
     """
 
     def __init__(self,
@@ -97,11 +121,28 @@ class SparseMoE(MoELayer):
                  eval_capacity_factor: Optional[float] = None,
                  eval_batch_priority: Optional[bool] = None,
                  eval_group_size: Optional[int] = None,
-                 expert_parallel: Union[bool, int] = False):
+                 expert_parallel: Union[bool, int] = False,
+                 dropless: bool = False,
+                 bias_balancing: bool = False,
+                 bias_update_rate: float = 1e-3,
+                 gate: str = 'linear',
+                 gate_dim: int = 256,
+                 init_temperature: float = 0.07,
+                 jitter: float = 0.0):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(
                 f'router must be one of {ROUTERS}, got {router!r}')
+        for name, value in (('dropless', dropless),
+                            ('bias_balancing', bias_balancing)):
+            if not isinstance(value, bool):
+                raise ValueError(f'{name} must be True or False, got '
+                                 f'{value!r}')
+            if value and router != 'token_choice':
+                raise ValueError(
+                    f'{name}=True needs router=\'token_choice\' (expert '
+                    f'choice drops no expert slot and balances by '
+                    f'construction), got router={router!r}')
         if num_experts < 1:
             raise ValueError(f'num_experts must be >= 1, got {num_experts}')
         if capacity is not None:
@@ -125,6 +166,7 @@ class SparseMoE(MoELayer):
             batch_priority
             if eval_batch_priority is None else eval_batch_priority)
         self.eval_group_size = eval_group_size
+        self.dropless = dropless
         for name in ('top_k', 'eval_top_k'):
             self._check_top_k(name, getattr(self, name))
         for name in ('group_size', 'eval_group_size'):
@@ -138,9 +180,15 @@ class SparseMoE(MoELayer):
             compute_capacity(1, num_experts, 1, factor,
                              None if factor is not None else capacity,
                              capacity_multiple_of, capacity_rounding)
-        router_cls = (NoisyTopExpertsPerItem
-                      if router == 'token_choice' else NoisyTopItemsPerExpert)
-        self.router = router_cls(embed_dims, num_experts, noise_std)
+        gate_options = dict(gate=gate, gate_dim=gate_dim,
+                            init_temperature=init_temperature, jitter=jitter)
+        if router == 'token_choice':
+            self.router = NoisyTopExpertsPerItem(
+                embed_dims, num_experts, noise_std, bias_balancing,
+                bias_update_rate, **gate_options)
+        else:
+            self.router = NoisyTopItemsPerExpert(embed_dims, num_experts,
+                                                 noise_std, **gate_options)
         self.experts = BatchedExperts(num_experts, embed_dims,
                                       feedforward_channels, act, expert_drop)
         self.shard_experts(expert_parallel)
@@ -177,7 +225,7 @@ class SparseMoE(MoELayer):
                 'group_size')
         return x.reshape(images // group_size, group_size * tokens, dims)
 
-    def capacity_for(self, group_tokens: int) -> int:
+    def capacity_for(self, group_tokens: int) -> Optional[int]:
         """The capacity ``B`` in force for groups of ``S`` tokens.
 
         Uses the options of the current mode (training, or evaluation with
@@ -188,8 +236,11 @@ class SparseMoE(MoELayer):
             group_tokens (int): ``S``, tokens per routing group.
 
         Returns:
-            int: slots per expert and group.
+            int | None: slots per expert and group; None for ``dropless``,
+            whose capacity depends on the routing of each batch.
         """
+        if self.dropless:
+            return None
         options = self.routing_options()
         token_choice = self.router_type == 'token_choice'
         capacity = compute_capacity(
@@ -207,11 +258,17 @@ class SparseMoE(MoELayer):
             group_tokens (int): ``S``.
 
         Returns:
-            dict: ``capacity`` (:meth:`capacity_for`), and for token choice
-            ``top_k``, ``batch_priority`` and ``renormalize``, as the
-            current mode has them.
+            dict: ``capacity`` (:meth:`capacity_for`, or a
+            :class:`~moe_plugin.layers.routing.Dropless` for ``dropless``),
+            and for token choice ``top_k``, ``batch_priority`` and
+            ``renormalize``, as the current mode has them.
         """
-        arguments = dict(capacity=self.capacity_for(group_tokens))
+        capacity = self.capacity_for(group_tokens)
+        if capacity is None:
+            shard = getattr(self.experts, 'expert_shard', None)
+            capacity = Dropless(self.capacity_multiple_of,
+                                None if shard is None else shard.group)
+        arguments = dict(capacity=capacity)
         if self.router_type == 'token_choice':
             options = self.routing_options()
             arguments.update(
@@ -256,7 +313,8 @@ class SparseMoE(MoELayer):
                 f'group_size={self.group_size}, eval_top_k={self.eval_top_k}, '
                 f'eval_capacity_factor={self.eval_capacity_factor}, '
                 f'eval_batch_priority={self.eval_batch_priority}, '
-                f'eval_group_size={self.eval_group_size}')
+                f'eval_group_size={self.eval_group_size}, '
+                f'dropless={self.dropless}')
 
 
 def set_eval_routing(model: nn.Module, **options) -> int:

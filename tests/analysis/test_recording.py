@@ -118,8 +118,8 @@ def test_recorder_notices_a_router_it_no_longer_matches(monkeypatch):
     # A recomputation that serves tokens in another order than the router.
     monkeypatch.setattr(
         recording, 'assign_top_k',
-        lambda gates, k, capacity, bpr, renorm: assign_top_k(
-            gates, k, capacity, not bpr, renorm))
+        lambda gates, k, capacity, bpr, renorm, **options: assign_top_k(
+            gates, k, capacity, not bpr, renorm, **options))
     with pytest.raises(RuntimeError, match='disagrees with its dispatcher'):
         with RoutingRecorder(layer, {'moe': layer}):
             layer(torch.randn(2, 64, 16))

@@ -98,6 +98,11 @@ def analyse(backbone, batch, gpus):
     hidden = moe[0].experts.w1.shape[-1]
     group = moe[0].group_size or 1
     capacity = moe[0].capacity_for(group * tokens)
+    if capacity is None:
+        raise SystemExit(
+            'ep_scaling models a fixed capacity, but moe_cfg has '
+            'dropless=True (the capacity follows each batch); estimate '
+            'with dropless=False and a capacity_factor instead')
     slots = (batch // group) * capacity  # C of the buffer
     block = tokens * batch * dims * (34 + 5 * heads * tokens / dims)
     mlp = tokens * batch * 19 * dims

@@ -35,6 +35,14 @@ class ConvNeXtMoEBlock(BaseModule):
 
     def __init__(self, dense_block: nn.Module, moe: nn.Module):
         super().__init__()
+        if dense_block.with_cp and getattr(
+                getattr(moe, 'router', None), 'bias_balancing', False):
+            # The recomputation would update the bias a second time and
+            # route with the updated one.
+            raise ValueError(
+                'with_cp=True cannot be combined with moe_cfg '
+                'bias_balancing=True: activation checkpointing re-runs the '
+                'forward pass that updates the bias')
         self.with_cp = dense_block.with_cp
         self.depthwise_conv = dense_block.depthwise_conv
         self.norm = dense_block.norm
