@@ -52,7 +52,6 @@ import os.path as osp
 import platform
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +62,7 @@ sys.path.insert(0, REPO_ROOT)
 from cost import step_cost  # noqa: E402
 from memory import saved_bytes  # noqa: E402
 from report import report  # noqa: E402
+from timing import interleaved_times  # noqa: E402
 
 import moe_plugin  # noqa: E402,F401  (registers the models)
 from moe_plugin.layers import MoELayer, SparseMoE  # noqa: E402
@@ -232,15 +232,7 @@ def run_preset(preset, batch, device, amp, compile_model, repeats,
         eager = make_step(model, adamw, images, labels, amp, device,
                           optimize)
         costs.append(step_cost(eager, model, optimize, record_arg=True))
-    for _ in range(warmup):
-        for step in steps:
-            step()
-    times = [[], []]
-    for _ in range(repeats):
-        for step, record in zip(steps, times):
-            start = time.perf_counter()
-            step()
-            record.append(time.perf_counter() - start)
+    times = interleaved_times(steps, repeats, warmup)
     moe_s, dense_s = (statistics.median(t) for t in times)
     time_ratio = statistics.median(m / d for m, d in zip(*times))
     flops_ratio = flops[0] / flops[1]

@@ -40,7 +40,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -48,6 +47,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cost import step_cost  # noqa: E402
 from report import report  # noqa: E402
+from timing import interleaved_times  # noqa: E402
 
 from moe_plugin.layers import (SoftMoE, SparseMoE, SpheroMoE,  # noqa: E402
                                compute_capacity, einsum_top_k_combine,
@@ -114,15 +114,8 @@ def time_round_robin(steps, repeats, warmup=3):
     """Median milliseconds of each step and of each step's ratio to the
     first, timing the steps in turn in every round so that they share the
     machine's noise."""
-    for _ in range(warmup):
-        for step in steps:
-            step()
-    times = [[] for _ in steps]
-    for _ in range(repeats):
-        for step, record in zip(steps, times):
-            start = time.perf_counter()
-            step()
-            record.append((time.perf_counter() - start) * 1e3)
+    times = [[t * 1e3 for t in record]
+             for record in interleaved_times(steps, repeats, warmup)]
     medians = [statistics.median(record) for record in times]
     ratios = [
         statistics.median(t / d for t, d in zip(record, times[0]))

@@ -23,7 +23,6 @@ import importlib
 import os.path as osp
 import statistics
 import sys
-import time
 import types
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 import models as model_bench  # noqa: E402
 from report import report  # noqa: E402
+from timing import interleaved_times  # noqa: E402
 
 from moe_plugin.malloc import keep_freed_memory  # noqa: E402
 
@@ -108,15 +108,7 @@ def run(src, batch, threads, repeats, optimizer, device, warmup=2):
             step = _synchronised(step)
         steps.append(step)
         params.append(sum(p.numel() for p in model.parameters()))
-    for _ in range(warmup):
-        for step in steps:
-            step()
-    times = [[], []]
-    for _ in range(repeats):
-        for step, record in zip(steps, times):
-            start = time.perf_counter()
-            step()
-            record.append(time.perf_counter() - start)
+    times = interleaved_times(steps, repeats, warmup)
     ours_s, theirs_s = (statistics.median(t) for t in times)
     return dict(
         model='V-JetMoE-T',
