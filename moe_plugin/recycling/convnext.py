@@ -21,7 +21,7 @@ from .formats import load_torch_checkpoint, unwrap_state_dict
 from .methods import (CALIBRATED, METHODS, RecyclingOptions, build_experts,
                       select_indices)
 from .recycle import (EXPERT_GROUPS, copy_remaining, expert_group_shape,
-                      with_expert_noise)
+                      whole_model_state, with_expert_noise)
 
 #: timm ``ConvNeXt`` key -> MMPretrain ``ConvNeXt`` key (regex rules; the
 #: first that matches wins). timm's ``head.norm`` is MMPretrain's final
@@ -262,19 +262,11 @@ def recycle_convnext_model(dense: DenseConvNeXt,
     """
     backbone_state, report = recycle_convnext(dense, model.backbone,
                                               **kwargs)
-    state = {f'backbone.{k}': v for k, v in backbone_state.items()}
-    for name in ('copied', 'sampled', 'fresh'):
-        report[name] = [f'backbone.{k}' for k in report[name]]
-    for key, value in model.state_dict().items():
-        if key in state:
-            continue
-        source = None
-        if key in ('head.fc.weight', 'head.fc.bias') and not fresh_head:
-            source = dense.head.get(key.rsplit('.', 1)[-1])
-        if source is not None and tuple(source.shape) == tuple(value.shape):
-            state[key] = source.to(value.dtype)
-            report['copied'].append(key)
-        else:
-            state[key] = value.clone()
-            report['fresh'].append(key)
+    head_sources = {}
+    if not fresh_head:
+        head_sources = {
+            'head.fc.weight': dense.head.get('weight'),
+            'head.fc.bias': dense.head.get('bias')
+        }
+    state = whole_model_state(model, backbone_state, report, head_sources)
     return state, report

@@ -301,6 +301,32 @@ def recycle_backbone(dense: DenseViT,
     return state, report
 
 
+def whole_model_state(model: nn.Module, backbone_state: Dict[str, Tensor],
+                      report: dict,
+                      head_sources: Dict[str, Optional[Tensor]]) -> dict:
+    """The whole model's state dict from its recycled backbone's.
+
+    Backbone keys (and the report's ``copied`` / ``sampled`` / ``fresh``
+    lists, in place) get the ``backbone.`` prefix; every other key of
+    ``model`` is copied from ``head_sources`` when given there with the
+    model's shape, else left fresh (the model's own value).
+    """
+    state = {f'backbone.{k}': v for k, v in backbone_state.items()}
+    for name in ('copied', 'sampled', 'fresh'):
+        report[name] = [f'backbone.{k}' for k in report[name]]
+    for key, value in model.state_dict().items():
+        if key in state:
+            continue
+        source = head_sources.get(key)
+        if source is not None and tuple(source.shape) == tuple(value.shape):
+            state[key] = source.to(value.dtype)
+            report['copied'].append(key)
+        else:
+            state[key] = value.clone()
+            report['fresh'].append(key)
+    return state
+
+
 def find_head_keys(model: nn.Module) -> Optional[Tuple[str, str]]:
     """The classifier ``(weight, bias)`` keys of an MMPretrain head."""
     keys = model.state_dict()
@@ -334,23 +360,12 @@ def recycle(dense: DenseViT,
         head = dict(kwargs['trunk'].head)
     elif 'channels' in report and 'weight' in head:
         head['weight'] = head['weight'][:, report['channels']]
-    state = {f'backbone.{k}': v for k, v in backbone_state.items()}
-    for name in ('copied', 'sampled', 'fresh'):
-        report[name] = [f'backbone.{k}' for k in report[name]]
     head_keys = find_head_keys(model)
-    for key, value in model.state_dict().items():
-        if key in state:
-            continue
-        source = None
-        if (head_keys is not None and key in head_keys and head
-                and not fresh_head):
-            source = head['weight' if key == head_keys[0] else 'bias']
-        if source is not None and tuple(source.shape) == tuple(value.shape):
-            state[key] = source.to(value.dtype)
-            report['copied'].append(key)
-        else:
-            state[key] = value.clone()
-            report['fresh'].append(key)
+    head_sources = {}
+    if head_keys is not None and head and not fresh_head:
+        head_sources = dict(zip(head_keys, (head.get('weight'),
+                                            head.get('bias'))))
+    state = whole_model_state(model, backbone_state, report, head_sources)
     if (head and head_keys and head_keys[0] in report['fresh']
             and not fresh_head):
         report['head_note'] = (
