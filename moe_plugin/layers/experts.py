@@ -1,5 +1,6 @@
 """Batched MLP experts: E independent MLPs run as two batched matmuls."""
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,19 @@ def gelu_approximation(act: str, name: str = 'act') -> str:
             f'{name} must be one of {sorted(GELU_APPROXIMATIONS)}, '
             f'got {act!r}')
     return GELU_APPROXIMATIONS[act]
+
+
+def act_name(act_cfg: dict) -> Optional[str]:
+    """The experts' ``act`` name of an MMCV activation config, e.g.
+    ``dict(type='GELU', approximate='tanh')`` -> 'gelu_tanh'; None for an
+    activation the experts do not have."""
+    if act_cfg.get('type') != 'GELU':
+        return None
+    approximate = act_cfg.get('approximate', 'none')
+    for name, value in GELU_APPROXIMATIONS.items():
+        if value == approximate:
+            return name
+    return None
 
 
 def build_activation(act: str) -> nn.Module:

@@ -320,3 +320,11 @@ def test_builds_on_meta_device():
             arch=ARCH, moe_blocks=[[], [], [0], []], moe_cfg=MOE_CFG)
     devices = {param.device.type for param in model.parameters()}
     assert devices == {'meta'}
+
+
+@pytest.mark.parametrize('approximate', ['none', 'tanh'])
+def test_experts_take_the_dense_blocks_activation(approximate):
+    act_cfg = dict(type='GELU', approximate=approximate)
+    model = moe(moe_blocks=[[], [], [0], []], act_cfg=act_cfg)
+    assert model.stages[2][1].act.approximate == approximate
+    assert model.stages[2][0].moe.experts.act.approximate == approximate

@@ -10,11 +10,9 @@ from mmpretrain.models.backbones import ConvNeXt
 from mmpretrain.registry import MODELS
 from torch import Tensor
 
+from ...layers.experts import act_name
 from ..builder import build_moe_layer
 from .common import LOADING_INITS, check_out_indices, init_weights_loading_last
-
-#: MMPretrain activation configs and the MoE layers' ``act`` names for them.
-_ACT_NAMES = {'GELU': 'gelu'}
 
 
 class ConvNeXtMoEBlock(BaseModule):
@@ -195,7 +193,7 @@ class ConvNeXtMoE(ConvNeXt):
                 f'`img_size` must be a positive int or (H, W), got '
                 f'{img_size!r}')
         self.img_size = tuple(img_size)
-        act_type = kwargs.get('act_cfg', dict(type='GELU')).get('type')
+        act = act_name(kwargs.get('act_cfg', dict(type='GELU')))
         stride = kwargs.get('stem_patch_size', 4)
         for stage, blocks in enumerate(self.moe_blocks):
             height = self.img_size[0] // stride
@@ -204,8 +202,8 @@ class ConvNeXtMoE(ConvNeXt):
             for index in blocks:
                 dense = self.stages[stage][index]
                 defaults = dict(num_tokens=height * width)
-                if act_type in _ACT_NAMES:
-                    defaults['act'] = _ACT_NAMES[act_type]
+                if act is not None:
+                    defaults['act'] = act
                 moe = build_moe_layer(
                     stage_cfgs[stage],
                     embed_dims=self.channels[stage],
