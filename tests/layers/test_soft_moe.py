@@ -149,20 +149,45 @@ def test_expert_dropout_keeps_with_probability_one_minus_p():
     assert torch.equal(ExpertDropout(0.0).train()(x), x)
 
 
-def test_expert_dropout_equals_the_bool_mask_formula():
-    """On a CPU the in-place mask gives the output and gradient of ``x *
-    (rand >= p) / (1 - p)`` from the same draws (float64; other devices use
-    ``F.dropout``)."""
+def test_expert_dropout_equals_the_rand_formula_on_32_bit_words():
+    """On a CPU the output and gradient are those of ``x * (u / 2**32 >=
+    p) / (1 - p)``, ``u - 2**31`` the signed 32-bit halves of the
+    generator's 64-bit draws (lower half first), computed here in Python
+    integers (float64; other devices use ``F.dropout``)."""
     from moe_plugin.layers.experts import ExpertDropout
-    drop = ExpertDropout(0.4).train()
+    p = 0.4
+    drop = ExpertDropout(p).train()
     x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     grad = torch.randn_like(x)
     torch.manual_seed(1)
     out = drop(x)
     torch.manual_seed(1)
-    keep = torch.rand_like(x) >= 0.4
-    expected = x * keep.to(x.dtype) / 0.6
+    draws = torch.empty((x.numel() + 1) // 2, dtype=torch.int64)
+    draws.random_(-2**63, None)
+    halves = []
+    for value in draws.tolist():
+        value %= 2**64
+        for half in (value % 2**32, value // 2**32):
+            signed = half - 2**32 if half >= 2**31 else half
+            halves.append(signed + 2**31)
+    keep = torch.tensor([u / 2**32 >= p for u in halves[:x.numel()]])
+    expected = x * keep.view_as(x).to(x.dtype) / (1 - p)
     torch.testing.assert_close(out, expected, rtol=1e-15, atol=0)
     got, = torch.autograd.grad(out, x, grad)
     want, = torch.autograd.grad(expected, x, grad)
     torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+
+@pytest.mark.parametrize('p', [0.4, 0.1, 0.5])
+def test_expert_dropout_keeps_words_from_the_exact_threshold(p):
+    """Hand-computed boundary: the word ``u - 2**31`` is kept iff ``u >=
+    ceil(p * 2**32)``, so the keep probability is ``1 - p`` to ``2**-32``."""
+    import math
+
+    from moe_plugin.layers.experts import ExpertDropout
+    first_kept = math.ceil(p * 2**32) - 2**31
+    words = torch.tensor(
+        [-2**31, first_kept - 1, first_kept, first_kept + 1, 2**31 - 1],
+        dtype=torch.int32)
+    scale = ExpertDropout(p).keep_scale(words, torch.float64)
+    kept = 1 / (1 - p)
+    assert scale.tolist() == [0.0, 0.0, kept, kept, kept]
