@@ -177,6 +177,7 @@ def test_expert_dropout_equals_the_rand_formula_on_32_bit_words():
     want, = torch.autograd.grad(expected, x, grad)
     torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
 
+
 @pytest.mark.parametrize('p', [0.4, 0.1, 0.5])
 def test_expert_dropout_keeps_words_from_the_exact_threshold(p):
     """Hand-computed boundary: the word ``u - 2**31`` is kept iff ``u >=
