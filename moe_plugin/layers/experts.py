@@ -43,13 +43,15 @@ class ExpertDropout(nn.Dropout):
     ``bernoulli_`` costs about 2.2x ``rand_like`` and ``rand_like`` about 2x
     :func:`random_words32`, which matters for the large expert activations
     of soft MoE layers (e.g. 98 experts x 768 hidden units per slot). On
-    other devices it is ``F.dropout``.
+    other devices and under ``torch.compile`` it is ``F.dropout``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != 'cpu':
+        # torch.compile draws its own random numbers (and cannot trace the
+        # int64 -> int32 view).
+        if x.device.type != 'cpu' or torch.compiler.is_compiling():
             return F.dropout(x, self.p, True, self.inplace)
         return x * self.keep_scale(random_words32(x.shape), x.dtype)
 

@@ -192,3 +192,20 @@ def test_expert_dropout_keeps_words_from_the_exact_threshold(p):
     scale = ExpertDropout(p).keep_scale(words, torch.float64)
     kept = 1 / (1 - p)
     assert scale.tolist() == [0.0, 0.0, kept, kept, kept]
+
+
+def test_expert_dropout_traces_under_torch_compile():
+    """torch.compile (AOT autograd, the tracing half of ``inductor``)
+    compiles a training SpheroMoE with expert dropout: the CPU mask's int64
+    -> int32 view is not traced, compiled code draws with ``F.dropout``."""
+    from moe_plugin.layers import SpheroMoE
+    torch.manual_seed(0)
+    layer = SpheroMoE(DIM, HIDDEN, num_experts=2, num_universal_experts=2,
+                      expert_drop=0.4).train()
+    compiled = torch.compile(layer, backend='aot_eager', fullgraph=False)
+    x = torch.randn(2, 5, DIM, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert out.shape == x.shape and torch.isfinite(x.grad).all()
+    dropped = (layer.core_experts.w1.grad == 0).float().mean()
+    assert 0 < dropped < 1
