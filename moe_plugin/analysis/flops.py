@@ -108,6 +108,12 @@ def count_flops(model: nn.Module,
                     _router_probe(seen, name, layer)))
     counter = FlopCounterMode(display=False)
     attention = _CountAttention()
+    # FlopCounterMode's module tracker hooks the inputs that require grad;
+    # under no_grad a parameter given to a submodule directly (timm's
+    # attention pool passes its latent query) has no grad_fn and fails it.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
     try:
         with torch.no_grad(), counter, attention:
             if forward is None:
@@ -117,6 +123,8 @@ def count_flops(model: nn.Module,
     finally:
         for handle in handles:
             handle.remove()
+        for param in trainable:
+            param.requires_grad_(True)
     counts = counter.get_flop_counts()
     root = type(model).__name__
     total = sum(counts.get('Global', {}).values())

@@ -119,3 +119,29 @@ def test_cli_writes_json_and_refuses_to_overwrite(tiny_moe_config, tmp_path,
         get_flops.main([tiny_moe_config, '--json', str(out)])
     with pytest.raises(SystemExit):
         get_flops.main([tiny_moe_config, '--shape', '0'])
+
+
+def test_attention_pool_head_is_counted_and_grad_flags_kept():
+    """out_type='map' (timm's attention pool, whose latent query parameter
+    is a submodule's direct input) counts the pool on top of the same
+    backbone with a class token, and leaves requires_grad as it was."""
+    def build(out_type):
+        torch.manual_seed(0)
+        return VisionMoE(
+            arch=dict(embed_dims=16, num_layers=2, num_heads=2,
+                      feedforward_channels=32),
+            img_size=16, patch_size=8, out_type=out_type, moe_layers=[1],
+            moe_cfg=dict(type='SpheroMoE', num_experts=2,
+                         num_universal_experts=2))
+
+    pooled, plain = build('map'), build('cls_token')
+    assert pooled.eval() is pooled and plain.eval() is plain
+    pooled.pos_embed.requires_grad_(False)
+    x = torch.randn(2, 3, 16, 16)
+    figures = count_flops(pooled, x)
+    reference = count_flops(plain, x)
+    assert figures['flops']['moe'] == reference['flops']['moe'] > 0
+    assert figures['flops']['total'] > reference['flops']['total']
+    assert not pooled.pos_embed.requires_grad
+    assert all(p.requires_grad for n, p in pooled.named_parameters()
+               if n != 'pos_embed')

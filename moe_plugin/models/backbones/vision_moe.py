@@ -372,6 +372,13 @@ class VisionMoE(VisionTransformer):
         ``init_cfg`` (see :mod:`moe_plugin.recycling.initializer`)."""
         init_weights_loading_last(self, super().init_weights)
 
+    def train(self, mode: bool = True) -> 'VisionMoE':
+        """Set the training mode; returns ``self`` as ``nn.Module.train``
+        does (MMPretrain's ``VisionTransformer.train`` returns None, which
+        breaks ``model.eval()`` chains)."""
+        super().train(mode)
+        return self
+
     def _freeze_stages(self) -> None:
         super()._freeze_stages()
         if self.frozen_stages == len(self.layers) and self.out_type == 'map':
