@@ -145,7 +145,11 @@ def layer_flops(layer: nn.Module, tokens: int, dims: int,
     if isinstance(layer, SparseMoE):
         group_images = layer.routing_options()['group_size'] or 1
         capacity = layer.capacity_for(group_images * tokens)
-        rows = layer.num_experts * capacity / group_images
+        if capacity is None:  # dropless: K rows per token, a lower bound (the
+            # buffer pads every expert to the batch's largest load)
+            rows = layer.routing_options()['top_k'] * tokens
+        else:
+            rows = layer.num_experts * capacity / group_images
         hidden = layer.experts.w1.shape[-1]
         return 2 * tokens * dims * layer.num_experts + 4 * dims * hidden * rows
     if isinstance(layer, MoELayer):  # Soft MoE, SpheroMoE
