@@ -40,10 +40,11 @@ class ExpertDropout(nn.Dropout):
     Same distribution as :class:`torch.nn.Dropout`: each element is kept
     with probability ``1 - p`` (to within ``2**-32``; ``torch.rand`` itself
     resolves ``2**-24``) and scaled by ``1 / (1 - p)``. On a CPU torch's
-    ``bernoulli_`` costs about 2.2x ``rand_like`` and ``rand_like`` about 2x
-    :func:`random_words32`, which matters for the large expert activations
-    of soft MoE layers (e.g. 98 experts x 768 hidden units per slot). On
-    other devices and under ``torch.compile`` it is ``F.dropout``.
+    ``bernoulli_`` costs about 3.5x ``torch.rand`` and ``torch.rand`` about
+    1.7x :func:`random_words32` (``benchmarks/soft_kernels.py``), which
+    matters for the large expert activations of soft MoE layers (e.g. 98
+    experts x 768 hidden units per slot). On other devices and under
+    ``torch.compile`` it is ``F.dropout``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
