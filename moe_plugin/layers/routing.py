@@ -541,52 +541,60 @@ class NoisyTopExpertsPerItem(RouterLinear):
         metrics['gshard_loss'] = gshard_loss(gates)
         assignment = assign_top_k(gates, top_k, capacity, batch_priority,
                                   renormalize, self.selection_bias)
-        metrics.update(routing_statistics(assignment, num_experts))
+        counts = expert_counts(assignment.expert_index, num_experts)
+        metrics.update(routing_statistics(assignment, counts))
         dispatcher = token_choice_dispatcher(
             assignment.expert_index, assignment.slot, assignment.kept,
             assignment.weights, assignment.capacity, num_experts)
         if self.training and self.bias_balancing:
-            self.update_bias(assignment.expert_index)
+            self.update_bias(counts)
         return dispatcher, metrics
 
     @torch.no_grad()
-    def update_bias(self, expert_index: Tensor) -> None:
+    def update_bias(self, counts: Tensor) -> None:
         """``b_e += rate * sign(mean load - load_e)`` (arXiv 2408.15664).
 
         Args:
-            expert_index (Tensor): ``[..., K]`` the experts chosen in this
-                forward (all-reduced over the ranks when distributed).
+            counts (Tensor): ``[E]`` (token, choice) pairs each expert was
+                chosen for in this forward (:func:`expert_counts`; summed
+                over the ranks here when distributed).
         """
-        load = torch.zeros(
-            self.num_experts, device=expert_index.device,
-            dtype=self.expert_bias.dtype).index_add_(
-                0, expert_index.reshape(-1),
-                torch.ones(expert_index.numel(), device=expert_index.device,
-                           dtype=self.expert_bias.dtype))
+        load = counts.to(self.expert_bias.dtype)
         if (dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
+            load = load.clone()
             dist.all_reduce(load)
         self.expert_bias.add_(self.bias_update_rate *
                               torch.sign(load.mean() - load))
 
 
+def expert_counts(expert_index: Tensor, num_experts: int) -> Tensor:
+    """How many (token, choice) pairs chose each expert, dropped ones too.
+
+    Args:
+        expert_index (Tensor): ``[..., K]`` chosen experts.
+        num_experts (int): ``E``.
+
+    Returns:
+        Tensor: ``[E]`` float32 counts.
+    """
+    with torch.no_grad():
+        return torch.bincount(expert_index.reshape(-1),
+                              minlength=num_experts).float()
+
+
 def routing_statistics(assignment: TopKAssignment,
-                       num_experts: int) -> Dict[str, Tensor]:
+                       counts: Tensor) -> Dict[str, Tensor]:
     """Dropped share of (token, choice) pairs and per-expert share of pairs.
 
     Args:
         assignment (TopKAssignment): a token-choice assignment.
-        num_experts (int): ``E``.
+        counts (Tensor): ``[E]`` its :func:`expert_counts`.
 
     Returns:
         dict: ``dropped_fraction`` (scalar), ``expert_load`` (``[E]``).
     """
     with torch.no_grad():
-        counts = torch.zeros(
-            num_experts, device=assignment.slot.device).index_add_(
-                0, assignment.expert_index.reshape(-1),
-                torch.ones(assignment.expert_index.numel(),
-                           device=assignment.slot.device))
         return {
             'dropped_fraction': 1.0 - assignment.kept.float().mean(),
             'expert_load': counts / counts.sum(),
