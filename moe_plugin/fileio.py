@@ -11,7 +11,9 @@ usually ``0644``), not the temporary file's ``0600``.
 """
 import os
 import os.path as osp
+import pickle
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional, Sequence
 
@@ -116,9 +118,6 @@ def load_torch_file(path: str, what: str = 'checkpoint'):
             bytes, truncated) or holds objects other than tensors and
             containers (the unsupported type named).
     """
-    import pickle
-    import zipfile
-
     import torch
 
     from .compat import run_checkpoint_scope
@@ -153,8 +152,6 @@ def checkpoint_error(path: str,
     a zip archive that the weights-only unpickler refuses holds objects
     other than tensors and containers, named from torch's message.
     """
-    import pickle
-    import zipfile
     if isinstance(error, OSError) or not osp.isfile(path):
         return None
     if not zipfile.is_zipfile(path):
